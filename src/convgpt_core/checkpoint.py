@@ -1,0 +1,152 @@
+"""Checkpoint naming and validation: the published tensor names, shapes and counts.
+
+This module is the single source of the names in a published ConvGPT checkpoint.
+Engine adapters check what their loader saw with :func:`check_tensors`; the reference
+model and ``convgpt inspect`` validate a folder with :func:`validate_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+
+from .config import MODEL_TYPE, ConvGPTConfig
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose files, names or shapes do not match its config."""
+
+
+def expected_tensors(config: ConvGPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of ``config`` must hold, with its shape, in file order."""
+    g = config.geometry
+    H, D, V = g.hidden_size, g.D, config.vocab_size
+    hd, nq, nkv, inter = (
+        config.head_dim,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.intermediate_size,
+    )
+    out: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (V, H),
+        "model.conv.weight": (g.F, g.F, 1, g.k),
+        "model.norm_emb.g": (1,),
+    }
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out[p + "self_attn.q_proj.weight"] = (nq * hd, D)
+        out[p + "self_attn.k_proj.weight"] = (nkv * hd, D)
+        out[p + "self_attn.v_proj.weight"] = (nkv * hd, D)
+        out[p + "self_attn.o_proj.weight"] = (D, nq * hd)
+        out[p + "self_attn.q_norm.weight"] = (hd,)
+        out[p + "self_attn.k_norm.weight"] = (hd,)
+        out[p + "mlp.gate_proj.weight"] = (inter, D)
+        out[p + "mlp.up_proj.weight"] = (inter, D)
+        out[p + "mlp.down_proj.weight"] = (D, inter)
+        out[p + "norm1.weight"] = (D,)
+        out[p + "norm2.weight"] = (D,)
+    if config.tie_word_embeddings:
+        out["model.scale_up.gate_proj.weight"] = (4 * H, D)
+        out["model.scale_up.up_proj.weight"] = (4 * H, D)
+        out["model.scale_up.down_proj.weight"] = (H, 4 * H)
+        out["model.norm.weight"] = (H,)
+    else:
+        out["model.norm.weight"] = (D,)
+        out["lm_head.weight"] = (V, D)
+    return out
+
+
+def parameter_count(config: ConvGPTConfig) -> int:
+    return sum(math.prod(shape) for shape in expected_tensors(config).values())
+
+
+def check_tensors(
+    found: Mapping[str, tuple[int, ...]], config: ConvGPTConfig, source: str = "checkpoint"
+) -> None:
+    """Raise :class:`CheckpointError` naming every missing, unexpected or misshapen tensor."""
+    expected = expected_tensors(config)
+    problems = []
+    missing = [n for n in expected if n not in found]
+    unexpected = [n for n in found if n not in expected]
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        hint = ""
+        if "lm_head.weight" in unexpected and config.tie_word_embeddings:
+            hint = " (lm_head.weight must be absent when tie_word_embeddings is true)"
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}{hint}")
+    for name, shape in found.items():
+        want = expected.get(name)
+        if want is not None and tuple(shape) != want:
+            problems.append(f"{name} has shape {tuple(shape)}, expected {want}")
+    if problems:
+        raise CheckpointError(f"{source} does not match its config: " + "; ".join(problems))
+
+
+def read_config(path: str) -> ConvGPTConfig:
+    """Parse ``config.json`` of a checkpoint folder; errors name the file and field."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        with open(cfg_path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_path}: not valid JSON: {exc}") from exc
+    if data.get("model_type") != MODEL_TYPE:
+        raise CheckpointError(
+            f"{cfg_path}: model_type is {data.get('model_type')!r}, expected {MODEL_TYPE!r}"
+        )
+    data.pop("auto_map", None)  # remote code is never used
+    try:
+        return ConvGPTConfig(**{k: v for k, v in data.items() if k != "model_type"})
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{cfg_path}: {exc}") from exc
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The weight files of a checkpoint folder (single file or sharded index)."""
+    index = os.path.join(path, WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, s) for s in shards]
+        for file in files:
+            if not os.path.isfile(file):
+                raise CheckpointError(f"{index} names {os.path.basename(file)}, which is missing")
+        return files
+    single = os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(single):
+        return [single]
+    raise CheckpointError(f"{path}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
+
+
+def tensor_shapes(files: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in safetensors files, read from their headers only."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    if name in shapes:
+                        raise CheckpointError(f"{file}: tensor {name} appears in two files")
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{file}: not a readable safetensors file: {exc}") from exc
+    return shapes
+
+
+def validate_checkpoint(path: str, config: ConvGPTConfig | None = None) -> ConvGPTConfig:
+    """Check a checkpoint folder: config, weight files, tensor names and shapes."""
+    config = read_config(path) if config is None else config
+    check_tensors(tensor_shapes(safetensors_files(path)), config, source=path)
+    return config

@@ -1,0 +1,277 @@
+"""ConvGPT configuration and geometry validation.
+
+The geometry of a ConvGPT checkpoint is four numbers derived from ``hidden_size``:
+
+* ``F = sqrt(H)``: the token embedding is viewed as an F x F grid;
+* ``e``: the average-pooling window (the reference derives ``int(sqrt(F)) // 2``);
+* ``D = (F / e) ** 2``: width of the residual stream;
+* ``k``: width of the causal conv kernel.
+
+Checkpoints store ``emb_dim_factor`` (F), ``emb_factor`` (e) and ``transformer_dim`` (D)
+explicitly because the original config class derived them from its default
+``hidden_size``.  Stored values are honoured; missing ones are derived from the real
+``hidden_size``; any disagreement is rejected with a ``ValueError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import PretrainedConfig
+
+MODEL_TYPE = "convgpt"
+ARCHITECTURE = "ConvGPTForCausalLM"
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# Decoder-layer RMSNorms and the final norm use this eps whatever the config says (SPEC).
+DECODER_NORM_EPS = 1e-6
+# ScaleNorm clamps the scaled L2 norm from below at this value (SPEC).
+SCALE_NORM_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The compressor's shape: H = F * F input, D = (F / e) ** 2 output, kernel width k."""
+
+    hidden_size: int
+    F: int
+    e: int
+    D: int
+    k: int
+
+    @property
+    def pooled_side(self) -> int:
+        return self.F // self.e
+
+    @classmethod
+    def from_values(
+        cls,
+        hidden_size: int,
+        conv_kernel_h_w: int,
+        emb_dim_factor: int | None = None,
+        emb_factor: int | None = None,
+        transformer_dim: int | None = None,
+    ) -> Geometry:
+        H = _positive_int("hidden_size", hidden_size)
+        F = math.isqrt(H)
+        if F * F != H:
+            raise ValueError(
+                f"hidden_size={H} is not a perfect square (sqrt = {math.sqrt(H):.4f}); "
+                "ConvGPT views each embedding as an F x F grid"
+            )
+        if emb_dim_factor is not None and emb_dim_factor != F:
+            raise ValueError(
+                f"emb_dim_factor={emb_dim_factor} disagrees with hidden_size={H} (sqrt = {F})"
+            )
+        e = int(math.isqrt(F)) // 2 if emb_factor is None else emb_factor
+        e = _positive_int("emb_factor", e)
+        if F % e:
+            raise ValueError(
+                f"emb_factor={e} does not divide emb_dim_factor={F}: the {e}x{e} pooling "
+                f"would not tile the {F}x{F} grid"
+            )
+        D = (F // e) ** 2
+        if transformer_dim is not None and transformer_dim != D:
+            raise ValueError(
+                f"transformer_dim={transformer_dim} disagrees with the pooled size "
+                f"(emb_dim_factor / emb_factor)^2 = ({F}/{e})^2 = {D}"
+            )
+        k = _positive_int("conv_kernel_h_w", conv_kernel_h_w)
+        return cls(hidden_size=H, F=F, e=e, D=D, k=k)
+
+    @classmethod
+    def from_config(cls, config: Any) -> Geometry:
+        return cls.from_values(
+            hidden_size=config.hidden_size,
+            conv_kernel_h_w=config.conv_kernel_h_w,
+            emb_dim_factor=getattr(config, "emb_dim_factor", None),
+            emb_factor=getattr(config, "emb_factor", None),
+            transformer_dim=getattr(config, "transformer_dim", None),
+        )
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class ConvGPTConfig(PretrainedConfig):
+    """Configuration of a ConvGPT checkpoint (``model_type = "convgpt"``).
+
+    Defaults are the published ConvGPT-SYNTH-250B-EC geometry.  Construction validates
+    the whole config (see :meth:`validate_convgpt`); fields of the original config that
+    play no part in the forward pass (``conv_activation``, ``dropout``,
+    ``laplace_attn_fn``, ``num_experts``, ...) are accepted and kept but ignored.
+    """
+
+    model_type = MODEL_TYPE
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 65538,
+        hidden_size: int = 1296,
+        emb_dim_factor: int | None = None,
+        emb_factor: int | None = None,
+        transformer_dim: int | None = None,
+        conv_kernel_h_w: int = 3,
+        num_hidden_layers: int = 32,
+        num_attention_heads: int = 16,
+        num_key_value_heads: int | None = 8,
+        head_dim: int | None = 128,
+        intermediate_size: int = 3072,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 2048,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+        rope_scaling: dict | None = None,
+        rope_parameters: dict | None = None,
+        layer_types: list[str] | None = None,
+        sliding_window: int | None = None,
+        max_window_layers: int | None = None,
+        attention_bias: bool = False,
+        initializer_range: float = 0.02,
+        use_cache: bool = True,
+        tie_word_embeddings: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.conv_kernel_h_w = conv_kernel_h_w
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = (
+            num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        )
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.attention_bias = attention_bias
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self.sliding_window = sliding_window
+        self.max_window_layers = max_window_layers
+        if layer_types is None:
+            first_sliding = num_hidden_layers if max_window_layers is None else max_window_layers
+            layer_types = [
+                "sliding_attention" if sliding_window and i >= first_sliding else "full_attention"
+                for i in range(num_hidden_layers)
+            ]
+        self.layer_types = list(layer_types)
+        self.rope_parameters = _rope_parameters(rope_parameters, rope_scaling, rope_theta)
+        geometry = Geometry.from_values(
+            hidden_size=hidden_size,
+            conv_kernel_h_w=conv_kernel_h_w,
+            emb_dim_factor=emb_dim_factor,
+            emb_factor=emb_factor,
+            transformer_dim=transformer_dim,
+        )
+        self.emb_dim_factor = geometry.F
+        self.emb_factor = geometry.e
+        self.transformer_dim = geometry.D
+        if head_dim is None:
+            head_dim = geometry.D // num_attention_heads if num_attention_heads else 0
+        self.head_dim = head_dim
+        # Validate before the base class runs transformers' own (less specific) validators.
+        self.validate_convgpt()
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            **kwargs,
+        )
+        # transformers may rewrite rope fields while initialising the base class.
+        self.rope_parameters = _rope_parameters(
+            getattr(self, "rope_parameters", None), None, rope_theta
+        )
+        self.validate_convgpt()
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry.from_config(self)
+
+    @property
+    def rope_theta_value(self) -> float:
+        return float(self.rope_parameters["rope_theta"])
+
+    def validate_convgpt(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        Geometry.from_config(self)
+        for name in (
+            "vocab_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            _positive_int(name, getattr(self, name))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads} does not divide "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported (ConvGPT uses 'silu')")
+        if self.attention_bias:
+            raise ValueError(
+                "attention_bias=True is not supported: published ConvGPT checkpoints have no "
+                "attention biases"
+            )
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise ValueError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but "
+                f"num_hidden_layers={self.num_hidden_layers}"
+            )
+        for i, kind in enumerate(self.layer_types):
+            if kind not in LAYER_TYPES:
+                raise ValueError(
+                    f"layer_types[{i}]={kind!r} is not one of {', '.join(LAYER_TYPES)}"
+                )
+        if "sliding_attention" in self.layer_types:
+            _positive_int("sliding_window (layer_types contains 'sliding_attention')", self.sliding_window)
+        rope_type = self.rope_parameters.get("rope_type", "default")
+        if rope_type != "default":
+            raise ValueError(
+                f"rope_scaling type {rope_type!r} is not supported: ConvGPT uses plain "
+                "(neox-style) RoPE"
+            )
+        theta = self.rope_parameters.get("rope_theta")
+        if not (isinstance(theta, (int, float)) and theta > 0):
+            raise ValueError(f"rope_theta must be a positive number, got {theta!r}")
+
+    def sliding_window_of(self, layer_idx: int) -> int | None:
+        """The attention window of one layer (keys with q_pos - k_pos < window), or None."""
+        if self.layer_types[layer_idx] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+
+def _rope_parameters(
+    rope_parameters: dict | None, rope_scaling: dict | None, rope_theta: float
+) -> dict:
+    params = dict(rope_parameters or {})
+    if rope_scaling:
+        params.update(rope_scaling)
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    params.setdefault("rope_type", "default")
+    params.setdefault("rope_theta", rope_theta)
+    return params
+
+
+def register_config() -> None:
+    """Register :class:`ConvGPTConfig` with transformers' ``AutoConfig`` (idempotent)."""
+    from transformers import AutoConfig
+
+    AutoConfig.register(MODEL_TYPE, ConvGPTConfig, exist_ok=True)
