@@ -150,3 +150,48 @@ def validate_checkpoint(path: str, config: ConvGPTConfig | None = None) -> ConvG
     config = read_config(path) if config is None else config
     check_tensors(tensor_shapes(safetensors_files(path)), config, source=path)
     return config
+
+
+class TensorChecker:
+    """Strict bookkeeping for engine loaders that stream ``(name, tensor)`` pairs.
+
+    ``see`` raises at once for an unexpected or misshapen tensor (before the engine's
+    loader reports a bare size mismatch); ``finish`` raises for anything never seen.
+    """
+
+    def __init__(self, config: ConvGPTConfig, source: str = "checkpoint") -> None:
+        self.expected = expected_tensors(config)
+        self.config = config
+        self.source = source
+        self.seen: dict[str, tuple[int, ...]] = {}
+
+    def see(self, name: str, shape: Iterable[int]) -> None:
+        shape = tuple(shape)
+        if name in self.seen:
+            raise CheckpointError(f"{self.source}: tensor {name} appears twice")
+        self.seen[name] = shape
+        if name not in self.expected or self.expected[name] != shape:
+            check_tensors({name: shape, **{n: s for n, s in self.expected.items() if n != name}},
+                          self.config, self.source)
+
+    def finish(self) -> None:
+        check_tensors(self.seen, self.config, self.source)
+
+
+# Engines fuse q/k/v and gate/up into one tensor each; shard ids are the ones vLLM's and
+# SGLang's QKV/merged-column weight loaders take.
+STACKED_PARAMS = (
+    (".q_proj.", ".qkv_proj.", "q"),
+    (".k_proj.", ".qkv_proj.", "k"),
+    (".v_proj.", ".qkv_proj.", "v"),
+    (".gate_proj.", ".gate_up_proj.", 0),
+    (".up_proj.", ".gate_up_proj.", 1),
+)
+
+
+def stacked_param(name: str) -> tuple[str, str | int | None]:
+    """Checkpoint name -> (engine parameter name, shard id or None) for fused layers."""
+    for part, fused, shard in STACKED_PARAMS:
+        if part in name:
+            return name.replace(part, fused), shard
+    return name, None

