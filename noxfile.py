@@ -112,6 +112,7 @@ def cuda_stub_dir(session: nox.Session, python: str) -> str | None:
 def engine_env(session: nox.Session, engine: str, python: str) -> dict[str, str]:
     env = dict(ENGINE_ENV)
     if engine == "sglang":
+        env["SGLANG_EXTERNAL_MODEL_PACKAGE"] = "convgpt.sglang"
         env["SGLANG_USE_CPU_ENGINE"] = "0" if HAS_CUDA else "1"
         stub = cuda_stub_dir(session, python)
         if stub:

@@ -195,3 +195,33 @@ def stacked_param(name: str) -> tuple[str, str | int | None]:
         if part in name:
             return name.replace(part, fused), shard
     return name, None
+
+
+def load_published(
+    params: Mapping[str, object],
+    weights: Iterable[tuple[str, object]],
+    config: ConvGPTConfig,
+    default_loader,
+) -> set[str]:
+    """Stream checkpoint tensors into engine parameters, strictly.
+
+    ``params`` maps engine parameter names to parameters (fused q/k/v and gate/up, see
+    :func:`stacked_param`); each parameter's own ``weight_loader`` is used when it has one
+    (tensor-parallel sharding), else ``default_loader(param, tensor)``.  Raises
+    :class:`CheckpointError` for any missing, unexpected or misshapen tensor.  Returns the
+    engine parameter names loaded.
+    """
+    checker = TensorChecker(config, source="ConvGPT checkpoint")
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        checker.see(name, tensor.shape)
+        target, shard = stacked_param(name)
+        param = params[target]
+        loader = getattr(param, "weight_loader", default_loader)
+        if shard is None:
+            loader(param, tensor)
+        else:
+            loader(param, tensor, shard)
+        loaded.add(target)
+    checker.finish()
+    return loaded

@@ -275,3 +275,16 @@ def register_config() -> None:
     from transformers import AutoConfig
 
     AutoConfig.register(MODEL_TYPE, ConvGPTConfig, exist_ok=True)
+
+
+def heads_per_rank(config: ConvGPTConfig, tp_size: int) -> tuple[int, int]:
+    """(query heads, kv heads) held by one tensor-parallel rank; kv heads are replicated
+    when there are fewer of them than ranks.  Raises naming the numbers when impossible."""
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    if heads % tp_size:
+        raise ValueError(f"num_attention_heads={heads} is not divisible by tensor parallel size {tp_size}")
+    if kv % tp_size and tp_size % kv:
+        raise ValueError(
+            f"num_key_value_heads={kv} and tensor parallel size {tp_size}: one must divide the other"
+        )
+    return heads // tp_size, max(1, kv // tp_size)

@@ -40,9 +40,9 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import make_layers, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
-from convgpt_core.checkpoint import TensorChecker, stacked_param
+from convgpt_core.checkpoint import load_published
 from convgpt_core.compressor import CausalConvPool, ScaleNorm, compress, compressed_table
-from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig
+from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 
 
 class ConvGPTMLP(nn.Module):
@@ -74,17 +74,9 @@ class ConvGPTAttention(nn.Module):
         prefix: str,
     ) -> None:
         super().__init__()
-        tp = get_tensor_model_parallel_world_size()
         D, hd = config.transformer_dim, config.head_dim
         total_heads, total_kv = config.num_attention_heads, config.num_key_value_heads
-        if total_heads % tp:
-            raise ValueError(f"num_attention_heads={total_heads} is not divisible by tensor_parallel_size={tp}")
-        if total_kv % tp and tp % total_kv:
-            raise ValueError(
-                f"num_key_value_heads={total_kv} and tensor_parallel_size={tp}: one must divide the other"
-            )
-        self.num_heads = total_heads // tp
-        self.num_kv_heads = max(1, total_kv // tp)  # replicated when kv heads < tp
+        self.num_heads, self.num_kv_heads = heads_per_rank(config, get_tensor_model_parallel_world_size())
         self.head_dim = hd
         self.q_size, self.kv_size = self.num_heads * hd, self.num_kv_heads * hd
         self.qkv_proj = QKVParallelLinear(
@@ -248,20 +240,8 @@ class ConvGPTForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load the published names strictly; returns the parameter names loaded."""
-        checker = TensorChecker(self.config, source="ConvGPT checkpoint")
         params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            checker.see(name, tensor.shape)
-            target, shard = stacked_param(name)
-            param = params[target]
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard)
-            loaded.add(target)
-        checker.finish()
+        loaded = load_published(params, weights, self.config, default_weight_loader)
         self.model.build_compressed_table()
         loaded.add("model.embed_compressed.weight")
         if self.config.tie_word_embeddings:

@@ -1,0 +1,202 @@
+"""ConvGPT for SGLang (0.5.16 on CUDA, 0.5.23 on CPU), written as an in-tree model would be.
+
+Engine glue only: ``RadixAttention`` (per-layer sliding window), tensor-parallel
+QKV/merged/row linears, fused residual ``RMSNorm``, ``get_rope``, vocab-parallel
+embeddings, the tied lm_head, ``LogitsProcessor``.  Math and names come from
+:mod:`convgpt_core`.  The forward pass has no host syncs and no data-dependent shapes,
+so CUDA graphs can capture it.
+
+Token ids read a vocab x D table of compressed embeddings built after the weights load
+(sharded like the embedding); ``input_embeds`` handed in by the engine go through the
+compressor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
+from sglang.srt.layers.activation import SiluAndMul
+from sglang.srt.layers.layernorm import RMSNorm
+from sglang.srt.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from sglang.srt.layers.logits_processor import LogitsProcessor
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.layers.rotary_embedding import get_rope
+from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.model_loader.weight_utils import default_weight_loader
+from torch import nn
+
+from convgpt_core.checkpoint import load_published
+from convgpt_core.compressor import CausalConvPool, ScaleNorm, compress, compressed_table
+from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
+
+
+def _prefix(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+class ConvGPTMLP(nn.Module):
+    def __init__(self, size, inner, out, quant_config, prefix):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            size, [inner, inner], bias=False, quant_config=quant_config, prefix=_prefix(prefix, "gate_up_proj")
+        )
+        self.down_proj = RowParallelLinear(
+            inner, out, bias=False, quant_config=quant_config, prefix=_prefix(prefix, "down_proj")
+        )
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        out, _ = self.down_proj(self.act_fn(gate_up))
+        return out
+
+
+class ConvGPTAttention(nn.Module):
+    def __init__(self, config: ConvGPTConfig, layer_id: int, quant_config, prefix: str) -> None:
+        super().__init__()
+        D, hd = config.transformer_dim, config.head_dim
+        self.num_heads, self.num_kv_heads = heads_per_rank(config, get_tensor_model_parallel_world_size())
+        self.head_dim = hd
+        self.q_size, self.kv_size = self.num_heads * hd, self.num_kv_heads * hd
+        self.qkv_proj = QKVParallelLinear(
+            D, hd, config.num_attention_heads, config.num_key_value_heads, bias=False,
+            quant_config=quant_config, prefix=_prefix(prefix, "qkv_proj"),
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * hd, D, bias=False, quant_config=quant_config,
+            prefix=_prefix(prefix, "o_proj"),
+        )
+        self.q_norm = RMSNorm(hd, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps)
+        self.rotary_emb = get_rope(
+            hd, rotary_dim=hd, max_position=config.max_position_embeddings,
+            base=config.rope_theta_value, is_neox_style=True,
+        )
+        window = config.sliding_window_of(layer_id)
+        self.attn = RadixAttention(
+            self.num_heads, hd, hd**-0.5, num_kv_heads=self.num_kv_heads, layer_id=layer_id,
+            # SGLang counts the window without the query token itself.
+            sliding_window_size=-1 if window is None else window - 1,
+            quant_config=quant_config, prefix=_prefix(prefix, "attn"),
+        )
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(h)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+        k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
+        q, k = self.rotary_emb(positions, q, k)
+        out, _ = self.o_proj(self.attn(q, k, v, forward_batch))
+        return out
+
+
+class ConvGPTDecoderLayer(nn.Module):
+    def __init__(self, config: ConvGPTConfig, layer_id: int, quant_config, prefix: str) -> None:
+        super().__init__()
+        D = config.transformer_dim
+        self.self_attn = ConvGPTAttention(config, layer_id, quant_config, _prefix(prefix, "self_attn"))
+        self.mlp = ConvGPTMLP(D, config.intermediate_size, D, quant_config, _prefix(prefix, "mlp"))
+        self.norm1 = RMSNorm(D, eps=DECODER_NORM_EPS)
+        self.norm2 = RMSNorm(D, eps=DECODER_NORM_EPS)
+
+    def forward(self, positions, h, forward_batch, residual):
+        if residual is None:
+            residual = h
+            h = self.norm1(h)
+        else:
+            h, residual = self.norm1(h, residual)
+        h = self.self_attn(positions, h, forward_batch)
+        h, residual = self.norm2(h, residual)
+        return self.mlp(h), residual
+
+
+class ConvGPTModel(nn.Module):
+    def __init__(self, config: ConvGPTConfig, quant_config=None, prefix: str = "") -> None:
+        super().__init__()
+        self.config = config
+        geometry = config.geometry
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, geometry.hidden_size, quant_config=quant_config,
+            prefix=_prefix(prefix, "embed_tokens"),
+        )
+        # Not a checkpoint tensor: the compressor applied to every embedding row.
+        self.embed_compressed = VocabParallelEmbedding(
+            config.vocab_size, geometry.D, prefix=_prefix(prefix, "embed_compressed")
+        )
+        self.conv = CausalConvPool(geometry)
+        self.norm_emb = ScaleNorm()
+        self.layers = nn.ModuleList(
+            ConvGPTDecoderLayer(config, i, quant_config, _prefix(prefix, f"layers.{i}"))
+            for i in range(config.num_hidden_layers)
+        )
+        if config.tie_word_embeddings:
+            self.scale_up = ConvGPTMLP(
+                geometry.D, 4 * geometry.hidden_size, geometry.hidden_size, quant_config,
+                _prefix(prefix, "scale_up"),
+            )
+            self.norm = RMSNorm(geometry.hidden_size, eps=DECODER_NORM_EPS)
+        else:
+            self.norm = RMSNorm(geometry.D, eps=DECODER_NORM_EPS)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def forward(self, input_ids, positions, forward_batch, input_embeds=None) -> torch.Tensor:
+        if input_embeds is not None:
+            h = compress(input_embeds.to(self.conv.weight.dtype), self.conv, self.norm_emb)
+        else:
+            h = self.embed_compressed(input_ids)
+        residual = None
+        for layer in self.layers:
+            h, residual = layer(positions, h, forward_batch, residual)
+        if self.config.tie_word_embeddings:
+            return self.norm(self.scale_up(h + residual))
+        h, _ = self.norm(h, residual)
+        return h
+
+    @torch.no_grad()
+    def build_compressed_table(self) -> None:
+        table = compressed_table(self.embed_tokens.weight, self.conv.weight, self.norm_emb.g, self.config.geometry)
+        self.embed_compressed.weight.copy_(table.to(self.embed_compressed.weight.dtype))
+
+
+class ConvGPTForCausalLM(nn.Module):
+    def __init__(self, config: ConvGPTConfig, quant_config=None, prefix: str = "") -> None:
+        super().__init__()
+        self.config = config
+        self.quant_config = quant_config
+        self.model = ConvGPTModel(config, quant_config, _prefix(prefix, "model"))
+        if config.tie_word_embeddings:
+            self.lm_head = self.model.embed_tokens
+        else:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size, config.transformer_dim, quant_config=quant_config,
+                prefix=_prefix(prefix, "lm_head"),
+            )
+        self.logits_processor = LogitsProcessor(config)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    @torch.no_grad()
+    def forward(self, input_ids, positions, forward_batch: ForwardBatch, input_embeds=None,
+                get_embedding: bool = False):
+        if get_embedding:
+            raise ValueError("ConvGPTForCausalLM is a generation model; it has no embedding output")
+        hidden = self.model(input_ids, positions, forward_batch, input_embeds)
+        return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load the published names strictly: raises naming any missing/unexpected/misshapen tensor."""
+        load_published(dict(self.named_parameters()), weights, self.config, default_weight_loader)
+        self.model.build_compressed_table()
+
+
+EntryClass = ConvGPTForCausalLM
