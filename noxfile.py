@@ -138,6 +138,39 @@ def sglang(session: nox.Session) -> None:
     run_engine_tests(session, "sglang")
 
 
+PARITY = "tests/parity"
+
+
+@nox.session(name="parity-reference")
+def parity_reference(session: nox.Session) -> None:
+    """The parity matrix through the float64 reference: build/parity/reference.json."""
+    session.install(CORE_TORCH)
+    session.install("-e", ".")
+    session.run("python", f"{PARITY}/run_reference.py", env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session(name="parity-vllm", venv_backend="none")
+def parity_vllm(session: nox.Session) -> None:
+    """The parity matrix through vLLM: build/parity/vllm.json."""
+    python = engine_python(session, "vllm")
+    session.run(python, f"{PARITY}/run_vllm.py", env=engine_env(session, "vllm", python), external=True)
+
+
+@nox.session(name="parity-sglang", venv_backend="none")
+def parity_sglang(session: nox.Session) -> None:
+    """The parity matrix through SGLang: build/parity/sglang.json."""
+    python = engine_python(session, "sglang")
+    session.run(python, f"{PARITY}/run_sglang.py", env=engine_env(session, "sglang", python), external=True)
+
+
+@nox.session(requires=["parity-reference", "parity-vllm", "parity-sglang"])
+def parity(session: nox.Session) -> None:
+    """Compare vLLM and SGLang with the reference and with each other; prints the table."""
+    session.install(CORE_TORCH)
+    session.install("-e", ".")
+    session.run("python", f"{PARITY}/compare.py", *session.posargs)
+
+
 @nox.session(venv_backend="none")
 def demo(session: nox.Session) -> None:
     """Serve a checkpoint with `vllm serve` and ask it a completion and a chat question.

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Steps of the H100 runs (the lent machine has torch 2.11 + triton, no network).
+# vLLM 0.26.0 travels as the three parts made by ../shared/gpu/pack-vllm.sh into .gpu/vllm
+# (one part per call, staged in /root/stage); see benchmarks/results/README.md for the
+# exact sequence of calls that produced the committed results.
+#   h100.sh stage PART_DIR      copy one part's files into /root/stage
+#   h100.sh install             assemble vLLM into /root/site-vllm, install this project
+#   h100.sh kernels OUT         kernel tests on the GPU + compressor micro-benchmark
+#   h100.sh parity OUT          the vLLM parity matrix in bf16, torch.compile + CUDA graphs
+#   h100.sh e2e OUT [ARGS]      end-to-end vLLM benchmark, ConvGPT vs twin
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+step=${1:?step}; shift
+case "$step" in
+  stage) mkdir -p /root/stage && cp "$1"/* /root/stage/ && ls /root/stage | wc -l ;;
+  install)
+    bash /root/stage/install-offline.sh /root/stage /root/site-vllm > /root/install.log 2>&1 || { tail -20 /root/install.log; exit 1; }
+    tail -1 /root/install.log
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index . ;;
+  kernels)
+    out=$1
+    python3 -m pytest -q tests/core/test_kernels.py -p no:cacheprovider 2>&1 | tail -5 | tee "$out/kernel_tests_h100.txt"
+    python3 benchmarks/bench_compressor.py --out "$out/compressor_h100.json" 2>&1 | tee "$out/compressor_h100.txt" ;;
+  parity)
+    out=$1
+    export PYTHONPATH=/root/site-vllm CONVGPT_PARITY_DIR=/root/parity CONVGPT_PARITY_DTYPE=bfloat16 CONVGPT_PARITY_EAGER=0
+    python3 tests/parity/run_reference.py 2>&1 | tail -2
+    python3 tests/parity/run_vllm.py > "$out/parity_vllm_gpu.log" 2>&1 || { tail -40 "$out/parity_vllm_gpu.log"; exit 1; }
+    cp /root/parity/vllm.json "$out/parity_vllm_h100_bf16.json"
+    python3 tests/parity/compare.py --dir /root/parity --engines vllm --report-only | tee "$out/parity_vllm_h100_bf16.txt" ;;
+  e2e)
+    out=$1; shift
+    export PYTHONPATH=/root/site-vllm
+    python3 benchmarks/bench_e2e_vllm.py --out "$out/e2e_vllm_h100.json" "$@" 2>&1 | grep -v -E "^\(|INFO|WARNING" | tee "$out/e2e_vllm_h100.txt" ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac

@@ -1,0 +1,136 @@
+"""Compare the parity results: every engine against the float64 reference, and vLLM against SGLang.
+
+A cell passes for an engine when every request's greedy tokens equal the reference's, or
+first differ at a step where the reference itself has a numerical tie (top-2 logprob
+margin < --tie), and the chosen tokens' logprobs before that step are within
+--logprob-tol of the reference's.  Requests that should hit the prefix cache must have.
+Prints a table (cell x engine) and exits non-zero on any failure.
+
+Usage: python tests/parity/compare.py [--dir build/parity] [--engines vllm sglang] [--tie 1e-3]
+       [--logprob-tol 1e-3] [--report-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matrix
+
+
+def first_diff(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def lp_of(top: list[list], token: int) -> float | None:
+    return next((lp for tok, lp in top if tok == token), None)
+
+
+def check_request(got: dict, ref: dict, tie: float, tol: float, expect_cache: bool) -> tuple[str, bool, float]:
+    """(label, ok, max logprob gap) for one request."""
+    d = first_diff(got["tokens"], ref["tokens"])
+    upto = len(ref["tokens"]) if d is None else d
+    gap = 0.0
+    for step in range(upto):
+        a, b = lp_of(got["top"][step], got["tokens"][step]), lp_of(ref["top"][step], got["tokens"][step])
+        if a is not None and b is not None:
+            gap = max(gap, abs(a - b))
+    ok = gap <= tol
+    if d is None:
+        label = "equal"
+    else:
+        margin = ref["top"][d][0][1] - ref["top"][d][1][1]
+        is_tie = margin < tie
+        ok = ok and is_tie
+        label = f"{'tie' if is_tie else 'DIVERGE'}@{d} (margin {margin:.1e})"
+    if expect_cache and not (got.get("cached") or 0) >= 2 * matrix.BLOCK:
+        ok, label = False, label + f" NO-CACHE-HIT ({got.get('cached')})"
+    return label, ok, gap
+
+
+def check_cell(got: list[dict], ref: list[dict], situation: str, tie: float, tol: float):
+    first_wave = len(matrix.SITUATIONS[situation][0])
+    labels, ok, gap = [], True, 0.0
+    for i, (g, r) in enumerate(zip(got, ref)):
+        expect_cache = situation == "prefix" and i >= first_wave
+        label, good, rgap = check_request(g, r, tie, tol, expect_cache)
+        labels.append(label)
+        ok, gap = ok and good, max(gap, rgap)
+    if len(got) != len(ref):
+        ok = False
+        labels.append(f"{len(got)} requests, expected {len(ref)}")
+    worst = next((lab for lab in labels if lab != "equal"), "equal")
+    return f"{worst}, gap {gap:.1e}", ok
+
+
+def cross(a: list[dict], b: list[dict]) -> str:
+    steps, gap = [], 0.0
+    for x, y in zip(a, b):
+        d = first_diff(x["tokens"], y["tokens"])
+        if d is not None:
+            steps.append(d)
+        for step in range(len(x["tokens"]) if d is None else d):
+            la, lb = lp_of(x["top"][step], x["tokens"][step]), lp_of(y["top"][step], x["tokens"][step])
+            if la is not None and lb is not None:
+                gap = max(gap, abs(la - lb))
+    return ("equal" if not steps else f"differ@{min(steps)}") + f", gap {gap:.1e}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, default=matrix.OUT_DIR)
+    ap.add_argument("--engines", nargs="+", default=["vllm", "sglang"])
+    ap.add_argument("--tie", type=float, default=1e-3)
+    ap.add_argument("--logprob-tol", type=float, default=1e-3)
+    ap.add_argument("--report-only", action="store_true", help="print the table, always exit 0")
+    args = ap.parse_args(argv)
+
+    def load(name):
+        path = args.dir / f"{name}.json"
+        if not path.exists():
+            sys.exit(f"missing {path}: run `nox -s parity-{name}` first")
+        return json.loads(path.read_text())
+
+    ref = load("reference")["results"]
+    runs = {e: load(e) for e in args.engines}
+    headers = ["cell"] + [f"{e} ({runs[e]['meta'].get('dtype')})" for e in args.engines]
+    if len(args.engines) == 2:
+        headers.append(" vs ".join(args.engines))
+    rows, passed, failed = [], 0, 0
+    for geometry, situation in matrix.cells():
+        row = [f"{geometry} / {situation}"]
+        for e in args.engines:
+            got = runs[e]["results"].get(geometry, {}).get(situation)
+            if got is None:
+                row.append("MISSING")
+                failed += 1
+                continue
+            text, ok = check_cell(got, ref[geometry][situation], situation, args.tie, args.logprob_tol)
+            row.append(text if ok else f"FAIL {text}")
+            passed, failed = passed + ok, failed + (not ok)
+        if len(args.engines) == 2:
+            a, b = (runs[e]["results"].get(geometry, {}).get(situation) for e in args.engines)
+            row.append(cross(a, b) if a and b else "-")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows + [headers]) for i in range(len(headers))]
+    line = "  ".join("-" * w for w in widths)
+    print(line)
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print(line)
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print(line)
+    for e in args.engines:
+        print(f"{e}: {runs[e]['meta']}")
+    print(f"tie margin {args.tie:g}, logprob tolerance {args.logprob_tol:g}, {matrix.STEPS} greedy steps per request")
+    print(f"parity: {passed} passed, {failed} failed")
+    return 0 if args.report_only or failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
