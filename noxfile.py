@@ -171,7 +171,21 @@ def parity(session: nox.Session) -> None:
     session.run("python", f"{PARITY}/compare.py", *session.posargs)
 
 
-@nox.session(venv_backend="none")
+@nox.session(name="bench-compressor", default=False)
+def bench_compressor(session: nox.Session) -> None:
+    """Compressor micro-benchmark (CUDA): seed-style ops vs fused Triton vs table vs plain gather."""
+    session.install("-e", ".", "triton")
+    session.run("python", "benchmarks/bench_compressor.py", *session.posargs)
+
+
+@nox.session(name="bench-vllm", default=False, venv_backend="none")
+def bench_vllm(session: nox.Session) -> None:
+    """End-to-end vLLM throughput (CUDA): ConvGPT at the published geometry vs its uncompressed twin."""
+    python = engine_python(session, "vllm")
+    session.run(python, "benchmarks/bench_e2e_vllm.py", *session.posargs, env=ENGINE_ENV, external=True)
+
+
+@nox.session(venv_backend="none", default=False)
 def demo(session: nox.Session) -> None:
     """Serve a checkpoint with `vllm serve` and ask it a completion and a chat question.
 

@@ -150,6 +150,11 @@ class ConvGPTModel(nn.Module):
 
     def forward(self, input_ids, positions, forward_batch, input_embeds=None) -> torch.Tensor:
         if input_embeds is not None:
+            # SGLang's runner hands the model `forward_batch.input_embeds.bfloat16()`; the
+            # batch still holds the request's float32 embeddings, so compress those instead.
+            original = getattr(forward_batch, "input_embeds", None)
+            if original is not None and original.shape == input_embeds.shape:
+                input_embeds = original
             h = compress(input_embeds.to(self.conv.weight.dtype), self.conv, self.norm_emb)
         else:
             h = self.embed_compressed(input_ids)
