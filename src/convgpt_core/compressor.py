@@ -122,6 +122,15 @@ def compress(x: torch.Tensor, conv: CausalConvPool, norm: ScaleNorm) -> torch.Te
     return norm(conv(x))
 
 
+@torch.no_grad()
+def prepare_compress(conv: CausalConvPool, norm: ScaleNorm, dtype: torch.dtype) -> None:
+    """Run the compressor once on ``dtype`` input right after the weights load, so that the
+    fused kernel's folded matrix is built (and its kernel compiled) then, not inside a
+    CUDA-graph capture or a compiled region later."""
+    x = torch.ones(1, conv.geometry.hidden_size, dtype=dtype, device=conv.weight.device)
+    compress(x, conv, norm)
+
+
 class ConvCompressor(nn.Module):
     """``conv`` + ``norm_emb`` as one module; its state dict uses the checkpoint names."""
 

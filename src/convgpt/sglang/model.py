@@ -33,7 +33,7 @@ from sglang.srt.model_loader.weight_utils import default_weight_loader
 from torch import nn
 
 from convgpt_core.checkpoint import load_published
-from convgpt_core.compressor import CausalConvPool, ScaleNorm, compress, compressed_table
+from convgpt_core.compressor import CausalConvPool, ScaleNorm, compress, compressed_table, prepare_compress
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 
 
@@ -170,6 +170,7 @@ class ConvGPTModel(nn.Module):
     def build_compressed_table(self) -> None:
         table = compressed_table(self.embed_tokens.weight, self.conv.weight, self.norm_emb.g, self.config.geometry)
         self.embed_compressed.weight.copy_(table.to(self.embed_compressed.weight.dtype))
+        prepare_compress(self.conv, self.norm_emb, self.embed_tokens.weight.dtype)
 
 
 class ConvGPTForCausalLM(nn.Module):

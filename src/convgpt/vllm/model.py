@@ -41,7 +41,7 @@ from vllm.model_executor.models.utils import make_layers, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from convgpt_core.checkpoint import load_published
-from convgpt_core.compressor import CausalConvPool, ScaleNorm, compress, compressed_table
+from convgpt_core.compressor import CausalConvPool, ScaleNorm, compress, compressed_table, prepare_compress
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 
 
@@ -195,6 +195,7 @@ class ConvGPTModel(nn.Module):
             self.embed_tokens.weight, self.conv.weight, self.norm_emb.g, self.config.geometry
         )
         self.embed_compressed.weight.copy_(table.to(self.embed_compressed.weight.dtype))
+        prepare_compress(self.conv, self.norm_emb, self.embed_tokens.weight.dtype)
 
 
 class ConvGPTForCausalLM(nn.Module):

@@ -1,0 +1,308 @@
+"""The fused Triton compressor: on CPU through Triton's interpreter, and on CUDA when present.
+
+Triton decides when ``triton`` is imported whether its language library runs
+interpreted, so on a machine without CUDA ``TRITON_INTERPRET=1`` is set before
+``triton`` is imported here (and restored right after; the tests set it again with
+``monkeypatch``).  When another module imported triton first (``pytest tests/core``
+does, through transformers/torch), or CUDA is present (the GPU tests need the compiler),
+the kernel cannot be interpreted in this process: the interpreter tests then skip here
+and ``test_kernels_in_fresh_interpreter_process`` runs this file in a fresh process with
+``TRITON_INTERPRET=1`` (where the GPU tests skip instead).
+"""
+
+import functools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+_PREIMPORTED = "triton" in sys.modules
+_CUDA = torch.cuda.is_available()
+_PREVIOUS = os.environ.get("TRITON_INTERPRET")
+if not _CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+_INTERPRETED_IMPORT = not _PREIMPORTED and os.environ.get("TRITON_INTERPRET") == "1"
+try:
+    triton = pytest.importorskip("triton", reason="triton is not installed")
+finally:
+    if _PREVIOUS is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS
+
+from convgpt_core import compressor, kernels  # noqa: E402
+from convgpt_core.compressor import CausalConvPool, ConvCompressor, ScaleNorm, compress, fold  # noqa: E402
+from convgpt_core.config import Geometry  # noqa: E402
+from naive import compress_loops, scale_norm  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GEOMETRIES = [(16, 3), (16, 1), (36, 5), (64, 5)]  # (F, k); e = int(sqrt(F)) // 2
+TOKENS = [0, 1, 7, 33]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@functools.cache
+def _interpreter_works() -> bool:
+    """Whether the kernel runs interpreted in this process (see the module docstring)."""
+    if _CUDA and not _INTERPRETED_IMPORT:
+        return False  # triton's language library was loaded for the compiler
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        geom = Geometry.from_values(256, 3)
+        kernels.fused_compress(torch.ones(1, 256), torch.ones(16, 16, 1, 3), torch.ones(1), geom, 1e-5)
+        return True
+    except Exception:  # e.g. "Cannot call @triton.jit'd outside of the scope of a kernel"
+        return False
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@pytest.fixture
+def interp(monkeypatch):
+    if not _interpreter_works():
+        pytest.skip("triton was imported before TRITON_INTERPRET=1; covered by the fresh-process test")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@functools.cache
+def _case(F: int, k: int, n: int = 33, seed: int = 0):
+    """x (n, H), conv weight, g: all exactly representable in bfloat16 (float64 tensors),
+    and the float64 reference output from the explicit loops in tests/naive.py."""
+    geom = Geometry.from_values(F * F, k)
+    gen = torch.Generator().manual_seed(seed + 100 * F + k)
+    x = torch.randn(n, F * F, generator=gen).to(torch.bfloat16).double()
+    w = (torch.randn(F, F, 1, k, generator=gen) * 0.1).to(torch.bfloat16).double()
+    g = torch.tensor([1.75], dtype=torch.float64)
+    want = scale_norm(compress_loops(x, w, geom.e), g)
+    return geom, x, w, g, want
+
+
+def _run(x, w, g, geom, dtype, **kw):
+    """fused_compress into a NaN-filled output buffer, so unwritten elements show."""
+    out = torch.full((*x.shape[:-1], geom.D), float("nan"), dtype=dtype)
+    got = kernels.fused_compress(x.to(dtype), w.to(dtype), g.to(dtype), geom, 1e-5, out=out, **kw)
+    assert got is out and got.dtype == dtype and got.shape == (*x.shape[:-1], geom.D)
+    return got
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("F,k", GEOMETRIES)
+def test_matches_float64_loops(interp, F, k, T, dtype):
+    geom, x, w, g, want = _case(F, k)
+    got = _run(x[:T], w, g, geom, dtype)
+    assert bool(torch.isfinite(got).all())
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.double(), want[:T], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_leading_shape(interp, dtype):
+    geom, x, w, g, want = _case(36, 5)
+    got = _run(x[:6].reshape(2, 3, -1), w, g, geom, dtype)
+    assert bool(torch.isfinite(got).all())
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.double(), want[:6].reshape(2, 3, -1), rtol=tol, atol=tol)
+    # no out buffer, and a strided (non-contiguous) view of the tokens
+    strided = x[:12].reshape(2, 6, -1)[:, ::2]
+    assert not strided.is_contiguous()
+    y = kernels.fused_compress(strided.to(dtype), w.to(dtype), g.to(dtype), geom, 1e-5)
+    torch.testing.assert_close(y.double(), want[:12].reshape(2, 6, -1)[:, ::2], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(split_d=False),  # D = 144 padded to 256 instead of 128 + 16
+        dict(block_t=32, block_h=128),  # H = 1296 leaves a remainder of 16 in the last chunk
+        dict(block_t=64, block_h=32, num_warps=8, num_stages=2),
+    ],
+    ids=["padded-d", "bt32-bh128", "bt64-bh32"],
+)
+def test_tile_options(interp, opts):
+    geom, x, w, g, want = _case(36, 5)
+    got = _run(x, w, g, geom, torch.float32, **opts)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_d_blocks():
+    assert kernels._d_blocks(144) == (128, 16)
+    assert kernels._d_blocks(144, split_d=False) == (256, 0)
+    assert kernels._d_blocks(64) == (64, 0)
+    assert kernels._d_blocks(256) == (256, 0)
+    assert kernels._d_blocks(100) == (128, 0)  # 64 + 64 saves nothing
+
+
+def test_scale_norm_clamp(interp):
+    geom, _, w, g, _ = _case(16, 3)
+    x = torch.full((3, 256), 1e-12, dtype=torch.float64)
+    got = _run(x, w, g, geom, torch.float32)
+    want = compress_loops(x, w, geom.e) / 1e-5 * g
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-12)
+
+
+def test_folded_weight_cache():
+    geom, _, w64, _, _ = _case(16, 3)
+    w = w64.float().clone()
+    m = kernels.folded_weight(w, geom, torch.float32)
+    assert m.shape == (geom.D, geom.hidden_size) and m.dtype == torch.float32
+    assert kernels.folded_weight(w, geom, torch.float32) is m
+    assert kernels.folded_weight(w.detach(), geom, torch.float32) is m  # an alias hits
+    torch.testing.assert_close(m, fold(w, geom, torch.float32))
+    assert kernels.folded_weight(w, geom, torch.bfloat16).dtype == torch.bfloat16
+    with torch.no_grad():
+        w.mul_(2)  # in place: the version changes, the cache must not serve the old M
+    m2 = kernels.folded_weight(w, geom, torch.float32)
+    torch.testing.assert_close(m2, 2 * m)
+    # a different tensor with equal shape is never served another weight's matrix
+    other = torch.zeros_like(w)
+    assert kernels.folded_weight(other, geom, torch.float32).abs().max() == 0
+
+
+def test_available(monkeypatch):
+    x = torch.zeros(2, 256)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not kernels.fused_compress_available(x)  # CPU, no interpreter: torch path
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.fused_compress_available(x)
+    assert kernels.fused_compress_available(x.bfloat16())
+    assert not kernels.fused_compress_available(x.double())  # no float64 dot: torch path
+    monkeypatch.setattr(kernels, "triton", None)
+    assert not kernels.triton_available() and not kernels.fused_compress_available(x)
+
+
+def _recording_compressor(monkeypatch):
+    geom, x, w, g, want = _case(16, 3)
+    conv, norm = CausalConvPool(geom, dtype=torch.float32), ScaleNorm(dtype=torch.float32)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        norm.g.copy_(g)
+    calls = []
+    real = kernels.fused_compress
+
+    def recording(*args, **kw):
+        calls.append(args[0].shape)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(kernels, "fused_compress", recording)
+    return conv, norm, x.float(), want, calls
+
+
+def test_compress_dispatch_interpreter(interp, monkeypatch):
+    conv, norm, x, want, calls = _recording_compressor(monkeypatch)
+    got = compress(x[:5], conv, norm)
+    assert calls == [torch.Size([5, 256])]
+    torch.testing.assert_close(got.double(), want[:5], rtol=1e-5, atol=1e-5)
+    compress(x[:5].double(), conv, norm)  # float64 keeps the torch path
+    assert len(calls) == 1
+
+
+def test_compress_dispatch_torch_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    conv, norm, x, want, calls = _recording_compressor(monkeypatch)
+    got = compress(x[:5], conv, norm)
+    assert calls == []
+    torch.testing.assert_close(got.double(), want[:5], rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_uses_custom_op(interp):
+    """vLLM compiles the model forward: the kernel must be opaque to Dynamo."""
+    geom, x, w, g, want = _case(16, 3)
+    comp = ConvCompressor(geom, dtype=torch.float32)
+    comp.load_state_dict({"conv.weight": w.float(), "norm_emb.g": g.float()})
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t: compressor.compress(t, comp.conv, comp.norm_emb), fullgraph=True, backend="aot_eager")
+    for n in (4, 9):
+        torch.testing.assert_close(fn(x[:n].float()).double(), want[:n], rtol=1e-5, atol=1e-5)
+
+
+def test_import_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from convgpt_core import kernels\n"
+        "assert not kernels.triton_available()\n"
+        "assert not kernels.fused_compress_available(torch.zeros(1, 4))\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+
+
+def test_kernels_in_fresh_interpreter_process():
+    if _interpreter_works():
+        pytest.skip("the interpreter works in this process: the tests above ran here")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert "passed" in summary and "failed" not in summary, proc.stdout[-6000:]
+
+
+# --------------------------------------------------------------------------------------
+# On the GPU (compiled kernel; skipped on CPU-only machines)
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    if not _CUDA:
+        pytest.skip("no CUDA device")
+    if _INTERPRETED_IMPORT:
+        pytest.skip("triton was imported for the interpreter; the GPU tests run in the parent process")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("F,k", GEOMETRIES)
+def test_gpu_matches_float64_loops(gpu, F, k, T, dtype):
+    geom, x, w, g, want = _case(F, k)
+    dev = "cuda"
+    out = torch.full((T, geom.D), float("nan"), dtype=dtype, device=dev)
+    got = kernels.fused_compress(x[:T].to(dev, dtype), w.to(dev, dtype), g.to(dev, dtype), geom, 1e-5, out=out)
+    assert bool(torch.isfinite(got).all())
+    tol = TOL[dtype]  # float32 must stay exact (input_precision="ieee", no TF32)
+    torch.testing.assert_close(got.double().cpu(), want[:T], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("T", [5000, 20000])  # the heuristic picks 32- and 128-token tiles
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_many_tokens(gpu, T, dtype):
+    geom, _, w, g, _ = _case(36, 5)
+    gen = torch.Generator().manual_seed(T)
+    x = torch.randn(T, geom.hidden_size, generator=gen).to(torch.bfloat16).double()
+    want = scale_norm(compress_loops(x, w, geom.e), g)
+    got = kernels.fused_compress(x.to("cuda", dtype), w.to("cuda", dtype), g.to("cuda", dtype), geom, 1e-5)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.double().cpu(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [dict(split_d=False), dict(block_t=32, block_h=128), dict(block_t=128, block_h=32, num_warps=8, num_stages=4)],
+    ids=["padded-d", "bt32-bh128", "bt128-bh32"],
+)
+def test_gpu_tile_options(gpu, opts):
+    geom, x, w, g, want = _case(36, 5)
+    got = kernels.fused_compress(x.to("cuda", torch.bfloat16), w.to("cuda", torch.bfloat16),
+                                 g.to("cuda", torch.bfloat16), geom, 1e-5, **opts)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_gpu_compress_under_torch_compile(gpu):
+    geom, x, w, g, want = _case(36, 5)
+    comp = ConvCompressor(geom, dtype=torch.bfloat16).cuda()
+    comp.load_state_dict({"conv.weight": w.bfloat16(), "norm_emb.g": g.bfloat16()})
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t: compressor.compress(t, comp.conv, comp.norm_emb), fullgraph=True)
+    for n in (4, 33):
+        got = fn(x[:n].to("cuda", torch.bfloat16))
+        torch.testing.assert_close(got.double().cpu(), want[:n], rtol=2e-2, atol=2e-2)
