@@ -29,6 +29,7 @@ def records(outputs) -> list[dict]:
 
 def main() -> None:
     import torch
+    import vllm
     from vllm import LLM, SamplingParams
 
     dtype = os.environ.get("CONVGPT_PARITY_DTYPE", "float32")
@@ -61,10 +62,9 @@ def main() -> None:
             llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
-    import vllm
-
-    matrix.write("vllm", results, {"dtype": dtype, "eager": eager, "vllm": vllm.__version__,
-                                   "device": "cuda" if torch.cuda.is_available() else "cpu"})
+        # written after every checkpoint, so a run cut short keeps what it finished
+        matrix.write("vllm", results, {"dtype": dtype, "eager": eager, "vllm": vllm.__version__,
+                                       "device": "cuda" if torch.cuda.is_available() else "cpu"})
 
 
 if __name__ == "__main__":
