@@ -11,6 +11,9 @@ values).  Measured (bf16 by default):
 
 Usage (GPU host, vLLM importable):
     python benchmarks/bench_e2e_vllm.py --out benchmarks/results/e2e_vllm_h100.json [--kv-cache-dtype fp8]
+    # long context: 64 x (3840 + 256)-token sequences, decode only
+    python benchmarks/bench_e2e_vllm.py --prefill-n 0 --no-batch1 --batch 64 --decode-prompt 3840 \
+        --max-model-len 4352 --kv-cache-dtype fp8 --out ...
     python benchmarks/bench_e2e_vllm.py --plot-only JSON PNG
 """
 
@@ -83,10 +86,10 @@ def bench_model(path: str, args) -> dict:
     # warm-up: every shape class once
     timed(llm, prompts(4, 64), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     pre = prompts(args.prefill_n, args.prefill_len)
-    times = [timed(llm, pre, one) for _ in range(args.repeats)]
+    times = [timed(llm, pre, one) for _ in range(args.repeats)] if args.prefill_n else [float("nan")]
     res["prefill_s"] = sorted(times)[len(times) // 2]
     res["prefill_tok_s"] = args.prefill_n * args.prefill_len / res["prefill_s"]
-    for batch in (args.batch, 1):
+    for batch in (args.batch,) if args.no_batch1 else (args.batch, 1):
         ps = prompts(batch, args.decode_prompt)
         full = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
         t_full = sorted(timed(llm, ps, full) for _ in range(args.repeats))[args.repeats // 2]
@@ -104,6 +107,10 @@ def bench_model(path: str, args) -> dict:
 
 def table(data: dict) -> str:
     c, t = data["convgpt"], data["twin"]
+    if data["args"]["no_batch1"]:  # long-context run: the big-batch decode only
+        b = data["args"]["batch"]
+        return "\n".join(f"{k:<24}{c[k]:>14.1f}{t[k]:>14.1f}{c[k] / t[k]:>9.2f}"
+                         for k in (f"decode_b{b}_tok_s", f"decode_b{b}_step_ms", "engine_start_s"))
     keys = [("prefill_tok_s", "prefill tok/s"), (f"decode_b{data['args']['batch']}_tok_s", f"decode tok/s b={data['args']['batch']}"),
             ("decode_b1_tok_s", "decode tok/s b=1"), (f"decode_b{data['args']['batch']}_step_ms", "decode step ms (big batch)"),
             ("decode_b1_step_ms", "decode step ms b=1"), ("engine_start_s", "engine start s")]
@@ -152,6 +159,7 @@ def main() -> None:
     ap.add_argument("--gpu-mem", type=float, default=0.85)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--models", nargs="+", default=["convgpt", "twin"])
+    ap.add_argument("--no-batch1", action="store_true", help="skip the batch-1 decode measurement")
     ap.add_argument("--plot-only", nargs=2, metavar=("JSON", "PNG"))
     args = ap.parse_args()
     if args.plot_only:

@@ -33,6 +33,7 @@ case "$step" in
   e2e)
     out=$1; shift
     export PYTHONPATH=/root/site-vllm
-    python3 benchmarks/bench_e2e_vllm.py --out "$out/e2e_vllm_h100.json" "$@" 2>&1 | grep -v -E "^\(|INFO|WARNING" | tee "$out/e2e_vllm_h100.txt" ;;
+    name=${E2E_NAME:-e2e_vllm_h100}
+    python3 benchmarks/bench_e2e_vllm.py --out "$out/$name.json" "$@" 2>&1 | grep -v -E "^\(|INFO|WARNING" | tee "$out/$name.txt" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -85,6 +85,15 @@ def checkpoints() -> dict[str, str]:
     return {name: str(CKPT_DIR / name) for name in GEOMETRIES if not only or name in only}
 
 
+def engine_starts():
+    """The engine starts of a run, in order: (geometry, checkpoint dir, embeddings engine?,
+    [(situation, waves)]).  Each checkpoint gets one engine for the token situations and one
+    set up for embeddings input (the engines need different settings for that)."""
+    for name, path in checkpoints().items():
+        for embeds in (False, True):
+            yield name, path, embeds, [(s, w) for s, w in SITUATIONS.items() if (s == "embeds") == embeds]
+
+
 def embeddings(path: str, ids: list[int]) -> torch.Tensor:
     """H-wide float32 embedding rows of ``ids``, read straight from the checkpoint."""
     from safetensors import safe_open

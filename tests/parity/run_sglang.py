@@ -47,26 +47,22 @@ def main() -> None:
                       mem_fraction_static=0.05)
     params = {"temperature": 0, "max_new_tokens": matrix.STEPS, "ignore_eos": True}
     results = {}
-    for name, path in matrix.checkpoints().items():
-        results[name] = {}
-        for embeds_engine in (False, True):
-            llm = sgl.Engine(model_path=path, disable_radix_cache=embeds_engine, **common)
-            for situation, waves in matrix.SITUATIONS.items():
-                if (situation == "embeds") != embeds_engine:
-                    continue
-                cell = []
-                for wave in waves:
-                    if situation == "embeds":
-                        embeds = [matrix.embeddings(path, p).tolist() for p in wave]
-                        outs = generate_embeds(llm, embeds, params)
-                    else:
-                        outs = llm.generate(input_ids=wave, sampling_params=params, return_logprob=True,
-                                            top_logprobs_num=matrix.TOP)
-                    cell += records(outs, wave)
-                results[name][situation] = cell
-            llm.shutdown()
-            del llm
-            gc.collect()
+    for name, path, embeds_engine, situations in matrix.engine_starts():
+        llm = sgl.Engine(model_path=path, disable_radix_cache=embeds_engine, **common)
+        for situation, waves in situations:
+            cell = []
+            for wave in waves:
+                if situation == "embeds":
+                    embeds = [matrix.embeddings(path, p).tolist() for p in wave]
+                    outs = generate_embeds(llm, embeds, params)
+                else:
+                    outs = llm.generate(input_ids=wave, sampling_params=params, return_logprob=True,
+                                        top_logprobs_num=matrix.TOP)
+                cell += records(outs, wave)
+            results.setdefault(name, {})[situation] = cell
+        llm.shutdown()
+        del llm
+        gc.collect()
     import sglang
 
     matrix.write("sglang", results, {"dtype": dtype, "sglang": sglang.__version__, "device": "cuda" if cuda else "cpu"})

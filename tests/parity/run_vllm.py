@@ -14,15 +14,15 @@ import os
 import matrix
 
 
-def records(outputs) -> list[dict]:
+def records(outputs, prompts) -> list[dict]:
     out = []
-    for o in outputs:
+    for o, p in zip(outputs, prompts):
         c = o.outputs[0]
         top = []
         for step in c.logprobs:
             ranked = sorted(step.items(), key=lambda kv: kv[1].rank)[: matrix.TOP]
             top.append([[int(tok), float(lp.logprob)] for tok, lp in ranked])
-        out.append({"prompt_len": len(o.prompt_token_ids or []), "tokens": list(c.token_ids), "top": top,
+        out.append({"prompt_len": len(p), "tokens": list(c.token_ids), "top": top,
                     "cached": o.num_cached_tokens})
     return out
 
@@ -40,29 +40,21 @@ def main() -> None:
     if torch.cuda.is_available():
         common["gpu_memory_utilization"] = 0.3
     results = {}
-    for name, path in matrix.checkpoints().items():
-        results[name] = {}
-        for embeds_engine in (False, True):
-            llm = LLM(model=path, enable_prefix_caching=not embeds_engine, enable_prompt_embeds=embeds_engine,
-                      **common)
-            for situation, waves in matrix.SITUATIONS.items():
-                if (situation == "embeds") != embeds_engine:
-                    continue
-                cell = []
-                for wave in waves:
-                    if situation == "embeds":
-                        reqs = [{"prompt_embeds": matrix.embeddings(path, p).to(getattr(torch, dtype))} for p in wave]
-                    else:
-                        reqs = [{"prompt_token_ids": p} for p in wave]
-                    recs = records(llm.generate(reqs, sp, use_tqdm=False))
-                    for rec, p in zip(recs, wave):
-                        rec["prompt_len"] = len(p)
-                    cell += recs
-                results[name][situation] = cell
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            gc.collect()
-        # written after every checkpoint, so a run cut short keeps what it finished
+    for name, path, embeds_engine, situations in matrix.engine_starts():
+        llm = LLM(model=path, enable_prefix_caching=not embeds_engine, enable_prompt_embeds=embeds_engine, **common)
+        for situation, waves in situations:
+            cell = []
+            for wave in waves:
+                if situation == "embeds":
+                    reqs = [{"prompt_embeds": matrix.embeddings(path, p).to(getattr(torch, dtype))} for p in wave]
+                else:
+                    reqs = [{"prompt_token_ids": p} for p in wave]
+                cell += records(llm.generate(reqs, sp, use_tqdm=False), wave)
+            results.setdefault(name, {})[situation] = cell
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        # written after every engine, so a run cut short keeps what it finished
         matrix.write("vllm", results, {"dtype": dtype, "eager": eager, "vllm": vllm.__version__,
                                        "device": "cuda" if torch.cuda.is_available() else "cpu"})
 
