@@ -77,3 +77,17 @@ def test_layer_types_from_max_window_layers():
     c = ConvGPTConfig(num_hidden_layers=4, sliding_window=8, max_window_layers=2)
     assert c.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
     assert [c.sliding_window_of(i) for i in range(4)] == [None, None, 8, 8]
+
+
+def test_heads_per_tensor_parallel_rank():
+    from convgpt_core.config import heads_per_rank
+
+    c = ConvGPTConfig(num_attention_heads=16, num_key_value_heads=8)
+    assert heads_per_rank(c, 1) == (16, 8)
+    assert heads_per_rank(c, 4) == (4, 2)
+    assert heads_per_rank(c, 16) == (1, 1)  # kv heads replicated across ranks
+    with pytest.raises(ValueError, match="num_attention_heads=16 is not divisible by tensor parallel size 3"):
+        heads_per_rank(c, 3)
+    c = ConvGPTConfig(num_attention_heads=12, num_key_value_heads=4)
+    with pytest.raises(ValueError, match="num_key_value_heads=4 and tensor parallel size 6"):
+        heads_per_rank(c, 6)
