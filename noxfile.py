@@ -56,10 +56,14 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
-def core(session: nox.Session) -> None:
-    """Config, compressor, kernels (Triton interpreter), checkpoints, reference model."""
+@nox.parametrize("transformers", ["latest", "5.12.1"])
+def core(session: nox.Session, transformers: str) -> None:
+    """Config, compressor, kernels (Triton interpreter), checkpoints, reference model; on the
+    newest transformers and on the oldest we support (SGLang 0.5.16's pin), whose loading differs."""
     session.install(CORE_TORCH)
     session.install("-e", ".", *TEST_DEPS, "triton")
+    if transformers != "latest":
+        session.install(f"transformers=={transformers}")
     session.run("pytest", "tests/core", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
 

@@ -35,5 +35,16 @@ case "$step" in
     export PYTHONPATH=/root/site-vllm
     name=${E2E_NAME:-e2e_vllm_h100}
     python3 benchmarks/bench_e2e_vllm.py --out "$out/$name.json" "$@" 2>&1 | grep -v -E "^\(|INFO|WARNING" | tee "$out/$name.txt" ;;
+  sglang-parity)
+    # SGLang 0.5.16 from pack-sglang.sh (one part, staged in /root/stage-sgl)
+    out=$1
+    bash /root/stage-sgl/install-offline.sh /root/stage-sgl /root/site-sgl > /root/install-sgl.log 2>&1 || { tail -20 /root/install-sgl.log; exit 1; }
+    tail -1 /root/install-sgl.log
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index .
+    export PYTHONPATH=/root/site-sgl SGLANG_EXTERNAL_MODEL_PACKAGE=convgpt.sglang CONVGPT_PARITY_DIR=/root/parity-sgl CONVGPT_PARITY_DTYPE=bfloat16
+    python3 tests/parity/run_reference.py 2>&1 | tail -1
+    timeout "${PARITY_TIMEOUT:-3000}" python3 tests/parity/run_sglang.py > "$out/parity_sglang_gpu.log" 2>&1 || tail -30 "$out/parity_sglang_gpu.log"
+    cp /root/parity-sgl/sglang.json "$out/parity_sglang_h100_bf16.json" 2>/dev/null || true
+    python3 tests/parity/compare.py --dir /root/parity-sgl --engines sglang --report-only | tee "$out/parity_sglang_h100_bf16.txt" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -132,13 +133,16 @@ class ConvGPTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        # transformers' init helpers skip tensors already loaded from a checkpoint; some
+        # 5.x releases (5.12) run this after loading, so plain in-place writes would
+        # overwrite the checkpoint.
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding, CausalConvPool)):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, ScaleNorm):
-            module.g.fill_(1.0)
+            init.ones_(module.g)
         elif isinstance(module, RMSNorm):
-            module.weight.fill_(1.0)
+            init.ones_(module.weight)
 
 
 class ConvGPTModel(ConvGPTPreTrainedModel):

@@ -33,6 +33,7 @@ def generate_embeds(llm, embeds, params):
 
 
 def main() -> None:
+    import sglang
     import sglang as sgl
     import torch
 
@@ -63,9 +64,9 @@ def main() -> None:
         llm.shutdown()
         del llm
         gc.collect()
-    import sglang
-
-    matrix.write("sglang", results, {"dtype": dtype, "sglang": sglang.__version__, "device": "cuda" if cuda else "cpu"})
+        # written after every engine, so a run cut short keeps what it finished
+        matrix.write("sglang", results, {"dtype": dtype, "sglang": sglang.__version__,
+                                         "device": "cuda" if cuda else "cpu"})
 
 
 if __name__ == "__main__":
