@@ -65,13 +65,16 @@ def parameter_count(config: ConvGPTConfig) -> int:
     return sum(math.prod(shape) for shape in expected_tensors(config).values())
 
 
-def check_tensors(
-    found: Mapping[str, tuple[int, ...]], config: ConvGPTConfig, source: str = "checkpoint"
-) -> None:
-    """Raise :class:`CheckpointError` naming every missing, unexpected or misshapen tensor."""
-    expected = expected_tensors(config)
+def _problems(
+    found: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int, ...]],
+    config: ConvGPTConfig,
+    complete: bool = True,
+) -> list[str]:
+    """What is wrong with ``found``: missing (when it should be ``complete``), unexpected or
+    misshapen tensors, one message each."""
     problems = []
-    missing = [n for n in expected if n not in found]
+    missing = [n for n in expected if n not in found] if complete else []
     unexpected = [n for n in found if n not in expected]
     if missing:
         problems.append(f"missing tensors: {', '.join(missing)}")
@@ -84,8 +87,19 @@ def check_tensors(
         want = expected.get(name)
         if want is not None and tuple(shape) != want:
             problems.append(f"{name} has shape {tuple(shape)}, expected {want}")
+    return problems
+
+
+def _raise_if(problems: list[str], source: str) -> None:
     if problems:
         raise CheckpointError(f"{source} does not match its config: " + "; ".join(problems))
+
+
+def check_tensors(
+    found: Mapping[str, tuple[int, ...]], config: ConvGPTConfig, source: str = "checkpoint"
+) -> None:
+    """Raise :class:`CheckpointError` naming every missing, unexpected or misshapen tensor."""
+    _raise_if(_problems(found, expected_tensors(config), config), source)
 
 
 def read_config(path: str) -> ConvGPTConfig:
@@ -170,12 +184,10 @@ class TensorChecker:
         if name in self.seen:
             raise CheckpointError(f"{self.source}: tensor {name} appears twice")
         self.seen[name] = shape
-        if name not in self.expected or self.expected[name] != shape:
-            check_tensors({name: shape, **{n: s for n, s in self.expected.items() if n != name}},
-                          self.config, self.source)
+        _raise_if(_problems({name: shape}, self.expected, self.config, complete=False), self.source)
 
     def finish(self) -> None:
-        check_tensors(self.seen, self.config, self.source)
+        _raise_if(_problems(self.seen, self.expected, self.config), self.source)
 
 
 # Engines fuse q/k/v and gate/up into one tensor each; shard ids are the ones vLLM's and

@@ -149,3 +149,26 @@ def test_same_seed_same_weights(tmp_path):
     a, b = load_file(str(tmp_path / "a/model.safetensors")), load_file(str(tmp_path / "b/model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "a/tokenizer.json").read_text() == (tmp_path / "b/tokenizer.json").read_text()
+
+
+def test_streaming_checker_names_the_tensor_at_once():
+    from convgpt_core.checkpoint import TensorChecker, expected_tensors
+    from convgpt_core.config import ConvGPTConfig
+    from convgpt_core.tiny import PRESETS
+
+    config = ConvGPTConfig(**PRESETS["tiny"])
+    shapes = expected_tensors(config)
+    checker = TensorChecker(config)
+    checker.see("model.conv.weight", shapes["model.conv.weight"])
+    with pytest.raises(CheckpointError, match="model.norm.weight has shape \\(64,\\), expected \\(256,\\)"):
+        checker.see("model.norm.weight", (64,))
+    with pytest.raises(CheckpointError, match="unexpected tensors: lm_head.weight \\(lm_head.weight must be absent"):
+        TensorChecker(config).see("lm_head.weight", (512, 256))
+    with pytest.raises(CheckpointError, match="tensor model.conv.weight appears twice"):
+        checker.see("model.conv.weight", shapes["model.conv.weight"])
+    checker = TensorChecker(config)
+    for name, shape in shapes.items():
+        if name != "model.norm_emb.g":
+            checker.see(name, shape)
+    with pytest.raises(CheckpointError, match="missing tensors: model.norm_emb.g$"):
+        checker.finish()
