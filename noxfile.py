@@ -124,10 +124,14 @@ def engine_env(session: nox.Session, engine: str, python: str) -> dict[str, str]
     return env
 
 
-def run_engine_tests(session: nox.Session, engine: str) -> None:
+def run_in_engine(session: nox.Session, engine: str, *args: str) -> None:
+    """Run ``python ARGS`` in the engine's environment (installed on first use)."""
     python = engine_python(session, engine)
-    env = engine_env(session, engine, python)
-    session.run(python, "-m", "pytest", f"tests/{engine}", *session.posargs, env=env, external=True)
+    session.run(python, *args, env=engine_env(session, engine, python), external=True)
+
+
+def run_engine_tests(session: nox.Session, engine: str) -> None:
+    run_in_engine(session, engine, "-m", "pytest", f"tests/{engine}", *session.posargs)
 
 
 @nox.session(venv_backend="none")
@@ -156,15 +160,13 @@ def parity_reference(session: nox.Session) -> None:
 @nox.session(name="parity-vllm", venv_backend="none")
 def parity_vllm(session: nox.Session) -> None:
     """The parity matrix through vLLM: build/parity/vllm.json."""
-    python = engine_python(session, "vllm")
-    session.run(python, f"{PARITY}/run_vllm.py", env=engine_env(session, "vllm", python), external=True)
+    run_in_engine(session, "vllm", f"{PARITY}/run_vllm.py")
 
 
 @nox.session(name="parity-sglang", venv_backend="none")
 def parity_sglang(session: nox.Session) -> None:
     """The parity matrix through SGLang: build/parity/sglang.json."""
-    python = engine_python(session, "sglang")
-    session.run(python, f"{PARITY}/run_sglang.py", env=engine_env(session, "sglang", python), external=True)
+    run_in_engine(session, "sglang", f"{PARITY}/run_sglang.py")
 
 
 @nox.session(requires=["parity-reference", "parity-vllm", "parity-sglang"])
