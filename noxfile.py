@@ -184,6 +184,14 @@ def bench_compressor(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_compressor.py", *session.posargs)
 
 
+@nox.session(default=False)
+def roofline(session: nox.Session) -> None:
+    """Recorded H100 runs against their bytes/FLOPs floors (no GPU needed)."""
+    session.install(CORE_TORCH)
+    session.install("-e", ".")
+    session.run("python", "benchmarks/roofline.py", *session.posargs)
+
+
 @nox.session(name="bench-vllm", default=False, venv_backend="none")
 def bench_vllm(session: nox.Session) -> None:
     """End-to-end vLLM throughput (CUDA): ConvGPT at the published geometry vs its uncompressed twin."""

@@ -1,0 +1,206 @@
+"""Roofline of ConvGPT and its uncompressed twin, set against measured end-to-end runs.
+
+No GPU needed: it reads the geometry from ``convgpt_core`` (the twin's parameter count
+from transformers' own Qwen3 on the meta device), the copy bandwidth that
+``bench_compressor.py`` measured, and the step times of ``bench_e2e_vllm.py`` runs, and
+prints how far each measured step is from the bytes (decode) or the per-op bytes/FLOPs
+(prefill) it cannot avoid.
+
+Model of a step (bf16 activations and weights; KV in the run's KV dtype):
+
+* decode: every weight is read once per step (tied lm_head = the embedding), plus the KV
+  cache of every sequence at its mean context length over the run;
+* prefill, per token: each op reads its inputs and writes its outputs once (residual add +
+  RMSNorm fused, as in vLLM; nothing else fused); an op costs
+  max(FLOPs / peak, bytes / bandwidth); attention is causal (mean context (L + 1) / 2).
+  The FLOP peak is the H100 SXM's nominal dense bf16 rate, not a measurement.
+
+Usage:
+    python benchmarks/roofline.py [--compressor JSON] [--e2e JSON ...] [--out JSON]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+NOMINAL_BF16_TFLOPS = 989.4  # H100 SXM dense bf16 (datasheet)
+KV_BYTES = {"auto": 2, "bfloat16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+
+
+def geometries() -> dict[str, dict]:
+    """Per-model shapes and weight counts: ConvGPT (published preset) and its Qwen3 twin."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from convgpt_core.checkpoint import parameter_count
+    from convgpt_core.config import ConvGPTConfig
+    from convgpt_core.tiny import PRESETS
+
+    cfg = ConvGPTConfig(**PRESETS["published"])
+    g = cfg.geometry
+    twin_cfg = Qwen3Config(
+        vocab_size=cfg.vocab_size, hidden_size=g.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, tie_word_embeddings=True,
+    )
+    with torch.device("meta"):
+        twin_params = sum(p.numel() for p in Qwen3ForCausalLM(twin_cfg).parameters())
+    common = dict(layers=cfg.num_hidden_layers, q=cfg.num_attention_heads * cfg.head_dim,
+                  kv=cfg.num_key_value_heads * cfg.head_dim, inner=cfg.intermediate_size,
+                  H=g.hidden_size, vocab=cfg.vocab_size)
+    return {
+        "convgpt": dict(common, width=g.D, params=parameter_count(cfg), tied_scale_up=cfg.tie_word_embeddings),
+        "twin": dict(common, width=g.hidden_size, params=twin_params, tied_scale_up=False),
+    }
+
+
+def kv_bytes_per_token(m: dict, kv_dtype: str) -> int:
+    return m["layers"] * 2 * m["kv"] * KV_BYTES[kv_dtype]
+
+
+def decode_floor_bytes(m: dict, batch: int, mean_context: float, kv_dtype: str) -> float:
+    return 2 * m["params"] + batch * mean_context * kv_bytes_per_token(m, kv_dtype)
+
+
+def prefill_ops(m: dict, prompt_len: int) -> list[tuple[str, float, float]]:
+    """(op, FLOPs, bytes) per prompt token, summed over layers."""
+    W, q, kv, inner, H = m["width"], m["q"], m["kv"], m["inner"], m["H"]
+    ctx = (prompt_len + 1) / 2
+    per_layer = [
+        ("add+rmsnorm x2", 0, 2 * 4 * W),
+        ("qkv proj", 2 * W * (q + 2 * kv), W + q + 2 * kv),
+        ("q/k rmsnorm", 0, 2 * (q + kv)),
+        ("rope", 0, 2 * (q + kv)),
+        ("kv cache write", 0, 4 * kv),
+        ("attention", 4 * q * ctx, 2 * q + 2 * kv),
+        ("o proj", 2 * q * W, q + W),
+        ("gate_up proj", 4 * W * inner, W + 2 * inner),
+        ("silu*mul", 0, 3 * inner),
+        ("down proj", 2 * inner * W, inner + W),
+    ]
+    ops = [(name, m["layers"] * f, m["layers"] * 2 * b) for name, f, b in per_layer]
+    ops.append(("embedding gather", 0, 2 * 2 * W))
+    if m["tied_scale_up"]:  # D -> 4H SwiGLU -> H on every token, then RMSNorm over H
+        ops += [("scale_up gate_up", 2 * W * 8 * H, 2 * (W + 8 * H)), ("scale_up silu*mul", 0, 2 * 12 * H),
+                ("scale_up down", 2 * 4 * H * H, 2 * 5 * H), ("final rmsnorm (H)", 0, 2 * 2 * H)]
+    else:
+        ops.append(("final rmsnorm", 0, 2 * 2 * W))
+    return ops
+
+
+def op_floor_s(flops: float, nbytes: float, bandwidth: float) -> float:
+    return max(flops / (NOMINAL_BF16_TFLOPS * 1e12), nbytes / bandwidth)
+
+
+def analyse(models: dict, runs: list[dict], bandwidth: float) -> dict:
+    out = {"bandwidth_gbps": bandwidth / 1e9, "peak_tflops_nominal": NOMINAL_BF16_TFLOPS, "models": {}}
+    for name, m in models.items():
+        out["models"][name] = {k: m[k] for k in ("params", "width")}
+        out["models"][name]["kv_bytes_per_token_bf16"] = kv_bytes_per_token(m, "auto")
+    rows = []
+    for run in runs:
+        args, label = run["args"], run["label"]
+        kv_dtype = args["kv_cache_dtype"]
+        if args.get("prefill_n") and "prefill_s" in run["convgpt"]:
+            row = {"scenario": f"prefill {args['prefill_n']}x{args['prefill_len']}", "kind": "prefill", "run": label}
+            for name, m in models.items():
+                ops = prefill_ops(m, args["prefill_len"])
+                floor = sum(op_floor_s(f, b, bandwidth) for _, f, b in ops) * args["prefill_n"] * args["prefill_len"]
+                row[name] = {"floor_ms": 1e3 * floor, "measured_ms": 1e3 * run[name]["prefill_s"],
+                             "flops_per_token": sum(f for _, f, _ in ops),
+                             "bytes_per_token": sum(b for _, _, b in ops),
+                             "ops": [{"op": o, "flops": f, "bytes": b,
+                                      "floor_ns": 1e9 * op_floor_s(f, b, bandwidth)} for o, f, b in ops]}
+            rows.append(row)
+        batches = [args["batch"]] + ([] if args.get("no_batch1") else [1])
+        for batch in batches:
+            key = f"decode_b{batch}_step_ms"
+            if key not in run["convgpt"]:
+                continue
+            mean_ctx = args["decode_prompt"] + args["decode_tokens"] / 2
+            row = {"scenario": f"decode b{batch} ctx~{mean_ctx:.0f} KV {kv_dtype}", "kind": "decode", "run": label}
+            for name, m in models.items():
+                nbytes = decode_floor_bytes(m, batch, mean_ctx, kv_dtype)
+                row[name] = {"floor_ms": 1e3 * nbytes / bandwidth, "measured_ms": run[name][key], "bytes": nbytes}
+            rows.append(row)
+    for row in rows:
+        for name in models:
+            row[name]["fraction"] = row[name]["floor_ms"] / row[name]["measured_ms"]
+        row["ratio_measured"] = row["twin"]["measured_ms"] / row["convgpt"]["measured_ms"]
+        row["ratio_at_floor"] = row["twin"]["floor_ms"] / row["convgpt"]["floor_ms"]
+    out["rows"] = rows
+    return out
+
+
+def report(result: dict) -> str:
+    lines = [f"copy bandwidth {result['bandwidth_gbps']:.0f} GB/s (measured), bf16 peak "
+             f"{result['peak_tflops_nominal']:.0f} TFLOP/s (nominal)"]
+    for name, m in result["models"].items():
+        lines.append(f"{name}: {m['params']:,} params, residual width {m['width']}, "
+                     f"KV {m['kv_bytes_per_token_bf16'] // 1024} KiB/token (bf16)")
+    lines.append("")
+    head = f"{'scenario':<30}{'model':>9}{'floor ms':>11}{'measured':>11}{'of floor':>10}"
+    head += f"{'twin/conv':>11}{'at floor':>10}"
+    lines += [head, "-" * len(head)]
+    for row in result["rows"]:
+        for i, name in enumerate(("convgpt", "twin")):
+            r = row[name]
+            tail = f"{row['ratio_measured']:>11.2f}{row['ratio_at_floor']:>10.2f}" if i == 0 else ""
+            lines.append(f"{row['scenario'] if i == 0 else '':<30}{name:>9}{r['floor_ms']:>11.3f}"
+                         f"{r['measured_ms']:>11.3f}{100 * r['fraction']:>9.0f}%{tail}")
+    for row in result["rows"]:
+        if row["kind"] != "prefill":
+            continue
+        lines += ["", f"{row['scenario']} ({row['run']}), per token: floor ns by op"]
+        lines.append(f"{'op':<22}{'convgpt':>10}{'twin':>10}")
+        floors = {name: {o["op"]: o["floor_ns"] for o in row[name]["ops"]} for name in ("convgpt", "twin")}
+        for op in dict.fromkeys([*floors["convgpt"], *floors["twin"]]):
+            cells = "".join(f"{floors[name][op]:>10.3f}" if op in floors[name] else f"{'-':>10}"
+                            for name in ("convgpt", "twin"))
+            lines.append(f"{op:<22}{cells}")
+        for name in ("convgpt", "twin"):
+            r = row[name]
+            lines.append(f"{name}: {r['flops_per_token'] / 1e6:.0f} MFLOP and {r['bytes_per_token'] / 1e6:.2f} MB "
+                         f"per token; measured {r['flops_per_token'] * row_tokens(row) / r['measured_ms'] / 1e9:.0f} "
+                         f"TFLOP/s, {r['bytes_per_token'] * row_tokens(row) / r['measured_ms'] / 1e6:.0f} GB/s")
+    return "\n".join(lines)
+
+
+def row_tokens(row: dict) -> int:
+    n, length = row["scenario"].split()[1].split("x")
+    return int(n) * int(length)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compressor", default=os.path.join(RESULTS, "compressor_h100.json"),
+                    help="bench_compressor.py output (for the measured copy bandwidth)")
+    ap.add_argument("--e2e", nargs="+", default=[os.path.join(RESULTS, f) for f in (
+        "e2e_vllm_h100.json", "e2e_vllm_h100_long_bf16kv.json", "e2e_vllm_h100_long_fp8kv.json")])
+    ap.add_argument("--out", default=os.path.join(RESULTS, "roofline_h100.json"))
+    args = ap.parse_args()
+    bandwidth = json.load(open(args.compressor))["meta"]["copy_bandwidth_gbps"] * 1e9
+    runs = []
+    for path in args.e2e:
+        run = json.load(open(path))
+        run["label"] = os.path.splitext(os.path.basename(path))[0]
+        runs.append(run)
+    result = analyse(geometries(), runs, bandwidth)
+    result["inputs"] = {"compressor": os.path.relpath(args.compressor, ROOT),
+                        "e2e": [os.path.relpath(p, ROOT) for p in args.e2e]}
+    text = report(result)
+    print(text)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.splitext(args.out)[0] + ".txt", "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
