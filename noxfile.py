@@ -195,8 +195,13 @@ def roofline(session: nox.Session) -> None:
 @nox.session(name="bench-vllm", default=False, venv_backend="none")
 def bench_vllm(session: nox.Session) -> None:
     """End-to-end vLLM throughput (CUDA): ConvGPT at the published geometry vs its uncompressed twin."""
-    python = engine_python(session, "vllm")
-    session.run(python, "benchmarks/bench_e2e_vllm.py", *session.posargs, env=ENGINE_ENV, external=True)
+    run_in_engine(session, "vllm", "benchmarks/bench_e2e_vllm.py", *session.posargs)
+
+
+@nox.session(name="bench-sglang", default=False, venv_backend="none")
+def bench_sglang(session: nox.Session) -> None:
+    """End-to-end SGLang throughput (CUDA; on a CPU machine it only exercises the harness)."""
+    run_in_engine(session, "sglang", "benchmarks/bench_e2e_sglang.py", *session.posargs)
 
 
 @nox.session(venv_backend="none", default=False)

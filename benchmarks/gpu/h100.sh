@@ -8,6 +8,8 @@
 #   h100.sh kernels OUT         kernel tests on the GPU + compressor micro-benchmark
 #   h100.sh parity OUT          the vLLM parity matrix in bf16, torch.compile + CUDA graphs
 #   h100.sh e2e OUT [ARGS]      end-to-end vLLM benchmark, ConvGPT vs twin
+#   h100.sh sglang-parity OUT   SGLang 0.5.16 (staged in /root/stage-sgl): install + parity matrix
+#   h100.sh sglang-e2e OUT [ARGS]  end-to-end SGLang benchmark (after sglang-parity installed it)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -46,5 +48,10 @@ case "$step" in
     timeout "${PARITY_TIMEOUT:-3000}" python3 tests/parity/run_sglang.py > "$out/parity_sglang_gpu.log" 2>&1 || tail -30 "$out/parity_sglang_gpu.log"
     cp /root/parity-sgl/sglang.json "$out/parity_sglang_h100_bf16.json" 2>/dev/null || true
     python3 tests/parity/compare.py --dir /root/parity-sgl --engines sglang --report-only | tee "$out/parity_sglang_h100_bf16.txt" ;;
+  sglang-e2e)
+    out=$1; shift
+    export PYTHONPATH=/root/site-sgl SGLANG_EXTERNAL_MODEL_PACKAGE=convgpt.sglang
+    name=${E2E_NAME:-e2e_sglang_h100}
+    python3 benchmarks/bench_e2e_sglang.py --out "$out/$name.json" "$@" 2>&1 | grep -v -E "INFO|WARNING" | tee "$out/$name.txt" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
