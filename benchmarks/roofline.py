@@ -17,6 +17,7 @@ Model of a step (bf16 activations and weights; KV in the run's KV dtype):
 
 Usage:
     python benchmarks/roofline.py [--compressor JSON] [--e2e JSON ...] [--out JSON]
+    python benchmarks/roofline.py --plot-only JSON PNG
 """
 
 from __future__ import annotations
@@ -177,6 +178,29 @@ def row_tokens(row: dict) -> int:
     return int(n) * int(length)
 
 
+def plot(json_path: str, png_path: str) -> None:
+    """Each step's measured time as a fraction of its floor, both models side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = json.load(open(json_path))["rows"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = range(len(rows))
+    for shift, name, color in ((-0.2, "convgpt", "#3b7dd8"), (0.2, "twin", "#999999")):
+        fractions = [100 * r[name]["fraction"] for r in rows]
+        ax.bar([x + shift for x in xs], fractions, width=0.4, color=color, label=name)
+        for x, f in zip(xs, fractions):
+            ax.text(x + shift, f, f"{f:.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), [r["scenario"].replace(" ctx", "\nctx").replace(" KV", "\nKV") for r in rows], fontsize=8)
+    ax.set_ylabel("% of the step's floor (higher is better)")
+    ax.set_title("H100, vLLM 0.26, bf16: measured steps against their bytes/FLOPs floor")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compressor", default=os.path.join(RESULTS, "compressor_h100.json"),
@@ -184,7 +208,11 @@ def main() -> None:
     ap.add_argument("--e2e", nargs="+", default=[os.path.join(RESULTS, f) for f in (
         "e2e_vllm_h100.json", "e2e_vllm_h100_long_bf16kv.json", "e2e_vllm_h100_long_fp8kv.json")])
     ap.add_argument("--out", default=os.path.join(RESULTS, "roofline_h100.json"))
+    ap.add_argument("--plot-only", nargs=2, metavar=("JSON", "PNG"), help="draw an earlier result (matplotlib)")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(*args.plot_only)
+        return
     bandwidth = json.load(open(args.compressor))["meta"]["copy_bandwidth_gbps"] * 1e9
     runs = []
     for path in args.e2e:
