@@ -109,15 +109,17 @@ def analyse(models: dict, runs: list[dict], bandwidth: float) -> dict:
         args, label = run["args"], run["label"]
         kv_dtype = args["kv_cache_dtype"]
         if args.get("prefill_n") and "prefill_s" in run["convgpt"]:
+            tokens = args["prefill_n"] * args["prefill_len"]
             row = {"scenario": f"prefill {args['prefill_n']}x{args['prefill_len']}", "kind": "prefill", "run": label}
             for name, m in models.items():
-                ops = prefill_ops(m, args["prefill_len"])
-                floor = sum(op_floor_s(f, b, bandwidth) for _, f, b in ops) * args["prefill_n"] * args["prefill_len"]
-                row[name] = {"floor_ms": 1e3 * floor, "measured_ms": 1e3 * run[name]["prefill_s"],
-                             "flops_per_token": sum(f for _, f, _ in ops),
-                             "bytes_per_token": sum(b for _, _, b in ops),
-                             "ops": [{"op": o, "flops": f, "bytes": b,
-                                      "floor_ns": 1e9 * op_floor_s(f, b, bandwidth)} for o, f, b in ops]}
+                ops = [{"op": o, "flops": f, "bytes": b, "floor_ns": 1e9 * op_floor_s(f, b, bandwidth)}
+                       for o, f, b in prefill_ops(m, args["prefill_len"])]
+                measured_s = run[name]["prefill_s"]
+                flops, nbytes = sum(o["flops"] for o in ops), sum(o["bytes"] for o in ops)
+                row[name] = {"floor_ms": 1e-6 * tokens * sum(o["floor_ns"] for o in ops), "measured_ms": 1e3 * measured_s,
+                             "flops_per_token": flops, "bytes_per_token": nbytes,
+                             "tflops": tokens * flops / measured_s / 1e12, "gbps": tokens * nbytes / measured_s / 1e9,
+                             "ops": ops}
             rows.append(row)
         batches = [args["batch"]] + ([] if args.get("no_batch1") else [1])
         for batch in batches:
@@ -168,14 +170,8 @@ def report(result: dict) -> str:
         for name in ("convgpt", "twin"):
             r = row[name]
             lines.append(f"{name}: {r['flops_per_token'] / 1e6:.0f} MFLOP and {r['bytes_per_token'] / 1e6:.2f} MB "
-                         f"per token; measured {r['flops_per_token'] * row_tokens(row) / r['measured_ms'] / 1e9:.0f} "
-                         f"TFLOP/s, {r['bytes_per_token'] * row_tokens(row) / r['measured_ms'] / 1e6:.0f} GB/s")
+                         f"per token; measured {r['tflops']:.0f} TFLOP/s, {r['gbps']:.0f} GB/s")
     return "\n".join(lines)
-
-
-def row_tokens(row: dict) -> int:
-    n, length = row["scenario"].split()[1].split("x")
-    return int(n) * int(length)
 
 
 def plot(json_path: str, png_path: str) -> None:
@@ -185,7 +181,8 @@ def plot(json_path: str, png_path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = json.load(open(json_path))["rows"]
+    result = json.load(open(json_path))
+    rows = result["rows"]
     fig, ax = plt.subplots(figsize=(8, 4))
     xs = range(len(rows))
     for shift, name, color in ((-0.2, "convgpt", "#3b7dd8"), (0.2, "twin", "#999999")):
@@ -195,7 +192,7 @@ def plot(json_path: str, png_path: str) -> None:
             ax.text(x + shift, f, f"{f:.0f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs), [r["scenario"].replace(" ctx", "\nctx").replace(" KV", "\nKV") for r in rows], fontsize=8)
     ax.set_ylabel("% of the step's floor (higher is better)")
-    ax.set_title("H100, vLLM 0.26, bf16: measured steps against their bytes/FLOPs floor")
+    ax.set_title(f"{result['inputs']['measured_on']}: measured steps against their bytes/FLOPs floor", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
@@ -220,8 +217,9 @@ def main() -> None:
         run["label"] = os.path.splitext(os.path.basename(path))[0]
         runs.append(run)
     result = analyse(geometries(), runs, bandwidth)
+    measured_on = sorted({f"{r['meta']['gpu']}, vLLM {r['meta']['vllm']}, {r['args']['dtype']}" for r in runs})
     result["inputs"] = {"compressor": os.path.relpath(args.compressor, ROOT),
-                        "e2e": [os.path.relpath(p, ROOT) for p in args.e2e]}
+                        "e2e": [os.path.relpath(p, ROOT) for p in args.e2e], "measured_on": "; ".join(measured_on)}
     text = report(result)
     print(text)
     with open(args.out, "w") as f:

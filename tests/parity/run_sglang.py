@@ -33,7 +33,6 @@ def generate_embeds(llm, embeds, params):
 
 
 def main() -> None:
-    import sglang
     import sglang as sgl
     import torch
 
@@ -65,7 +64,7 @@ def main() -> None:
         del llm
         gc.collect()
         # written after every engine, so a run cut short keeps what it finished
-        matrix.write("sglang", results, {"dtype": dtype, "sglang": sglang.__version__,
+        matrix.write("sglang", results, {"dtype": dtype, "sglang": sgl.__version__,
                                          "device": "cuda" if cuda else "cpu"})
 
 
