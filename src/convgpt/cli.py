@@ -16,13 +16,27 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from convgpt_core.checkpoint import CheckpointError, parameter_count, validate_checkpoint
+    import json
+    import os
+
+    from convgpt_core.checkpoint import (
+        CheckpointError,
+        config_dtype,
+        non_finite_tensors,
+        parameter_count,
+        tokenizer_max_id,
+        validate_checkpoint,
+    )
 
     try:
         config = validate_checkpoint(args.path)
     except CheckpointError as exc:
         print(f"invalid checkpoint: {exc}", file=sys.stderr)
         return 1
+    with open(os.path.join(args.path, "config.json")) as f:
+        auto_map = json.load(f).get("auto_map")
+    tok = tokenizer_max_id(args.path)
+    rope = config.rope_parameters
     g = config.geometry
     sliding = [i for i, t in enumerate(config.layer_types) if t == "sliding_attention"]
     rows = [
@@ -37,12 +51,20 @@ def _inspect(args: argparse.Namespace) -> int:
         ("vocab", config.vocab_size),
         ("tied embeddings", config.tie_word_embeddings),
         ("sliding layers", f"{sliding} (window {config.sliding_window})" if sliding else "none"),
+        ("RoPE", f"{rope.get('rope_type', 'default')}, theta {rope['rope_theta']:g}, "
+                 f"{config.max_position_embeddings} positions"),
+        ("dtype", config_dtype(config) or "not stated"),
+        ("tokenizer", f"ids 0..{tok[0]}" if tok else "none in folder"),
+        ("auto_map", "present (ignored: no remote code runs)" if auto_map else "none"),
         ("parameters", f"{parameter_count(config):,}"),
     ]
     width = max(len(k) for k, _ in rows)
     print(f"{args.path}: valid ConvGPT checkpoint")
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
+    bad = non_finite_tensors(args.path)
+    if bad:
+        print(f"warning: NaN or inf in {', '.join(bad)}")
     return 0
 
 

@@ -8,11 +8,14 @@ model and ``convgpt inspect`` validate a folder with :func:`validate_checkpoint`
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
 
 from .config import MODEL_TYPE, ConvGPTConfig
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -65,14 +68,58 @@ def parameter_count(config: ConvGPTConfig) -> int:
     return sum(math.prod(shape) for shape in expected_tensors(config).values())
 
 
+# safetensors header dtype names -> torch dtypes (what a checkpoint may hold).
+_ST_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+# Floating dtypes each one can be cast to without loss.
+_LOSSLESS = {
+    "float16": {"float16", "float32", "float64"},
+    "bfloat16": {"bfloat16", "float32", "float64"},
+    "float32": {"float32", "float64"},
+    "float64": {"float64"},
+}
+
+
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16``, ``"BF16"`` or ``"bfloat16"`` -> ``"bfloat16"``."""
+    name = str(dtype).removeprefix("torch.")
+    return _ST_DTYPES.get(name, name)
+
+
+def config_dtype(config: ConvGPTConfig) -> str | None:
+    """The weight dtype config.json declares (``dtype`` or the older ``torch_dtype``), if any."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return None if value in (None, "auto") else dtype_name(value)
+
+
+def dtype_problem(name: str, dtype, declared: str | None) -> str | None:
+    """Why tensor ``name`` of ``dtype`` cannot be loaded, or None.
+
+    Weights must be floating point (an integer or boolean tensor would be converted
+    silently by every loader) and castable without loss to the ``declared`` dtype of
+    config.json, when one is given."""
+    have = dtype_name(dtype)
+    if have not in _LOSSLESS and not have.startswith("float8"):
+        return f"{name} has dtype {have}; ConvGPT weights must be floating point"
+    want = declared
+    if want is not None and want in _LOSSLESS and want not in _LOSSLESS.get(have, ()):
+        return f"{name} has dtype {have}, which config.json's dtype {want} cannot hold without loss"
+    return None
+
+
 def _problems(
-    found: Mapping[str, tuple[int, ...]],
+    found: Mapping[str, tuple[tuple[int, ...], object]],
     expected: Mapping[str, tuple[int, ...]],
     config: ConvGPTConfig,
     complete: bool = True,
+    declared: str | None = None,
 ) -> list[str]:
-    """What is wrong with ``found``: missing (when it should be ``complete``), unexpected or
-    misshapen tensors, one message each."""
+    """What is wrong with ``found`` ({name: (shape, dtype)}): missing (when it should be
+    ``complete``), unexpected, misshapen or wrongly typed tensors (see
+    :func:`dtype_problem`), one message each."""
     problems = []
     missing = [n for n in expected if n not in found] if complete else []
     unexpected = [n for n in found if n not in expected]
@@ -83,10 +130,13 @@ def _problems(
         if "lm_head.weight" in unexpected and config.tie_word_embeddings:
             hint = " (lm_head.weight must be absent when tie_word_embeddings is true)"
         problems.append(f"unexpected tensors: {', '.join(unexpected)}{hint}")
-    for name, shape in found.items():
+    for name, (shape, dtype) in found.items():
         want = expected.get(name)
         if want is not None and tuple(shape) != want:
             problems.append(f"{name} has shape {tuple(shape)}, expected {want}")
+        bad_dtype = dtype_problem(name, dtype, declared) if dtype is not None else None
+        if bad_dtype:
+            problems.append(bad_dtype)
     return problems
 
 
@@ -96,10 +146,12 @@ def _raise_if(problems: list[str], source: str) -> None:
 
 
 def check_tensors(
-    found: Mapping[str, tuple[int, ...]], config: ConvGPTConfig, source: str = "checkpoint"
+    found: Mapping[str, tuple[tuple[int, ...], object]], config: ConvGPTConfig, source: str = "checkpoint"
 ) -> None:
-    """Raise :class:`CheckpointError` naming every missing, unexpected or misshapen tensor."""
-    _raise_if(_problems(found, expected_tensors(config), config), source)
+    """Raise :class:`CheckpointError` naming every missing, unexpected, misshapen or
+    non-floating tensor, and any the dtype config.json declares cannot hold
+    (``found``: {name: (shape, dtype)})."""
+    _raise_if(_problems(found, expected_tensors(config), config, declared=config_dtype(config)), source)
 
 
 def read_config(path: str) -> ConvGPTConfig:
@@ -118,7 +170,7 @@ def read_config(path: str) -> ConvGPTConfig:
         )
     data.pop("auto_map", None)  # remote code is never used
     try:
-        return ConvGPTConfig(**{k: v for k, v in data.items() if k != "model_type"})
+        return ConvGPTConfig.from_dict({k: v for k, v in data.items() if k != "model_type"})
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{cfg_path}: {exc}") from exc
 
@@ -140,51 +192,112 @@ def safetensors_files(path: str) -> list[str]:
     raise CheckpointError(f"{path}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
 
 
-def tensor_shapes(files: Iterable[str]) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the tensors in safetensors files, read from their headers only."""
+def tensor_headers(files: Iterable[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, dtype)} of the tensors in safetensors files, read from their headers only."""
     from safetensors import safe_open
 
-    shapes: dict[str, tuple[int, ...]] = {}
+    headers: dict[str, tuple[tuple[int, ...], str]] = {}
     for file in files:
         try:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    if name in shapes:
+                    if name in headers:
                         raise CheckpointError(f"{file}: tensor {name} appears in two files")
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
+                    info = f.get_slice(name)
+                    headers[name] = (tuple(info.get_shape()), dtype_name(info.get_dtype()))
         except CheckpointError:
             raise
         except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{file}: not a readable safetensors file: {exc}") from exc
-    return shapes
+            raise CheckpointError(
+                f"{file}: not a readable safetensors file ({type(exc).__name__}: {exc}); "
+                "ConvGPT loads safetensors only, never pickles"
+            ) from exc
+    return headers
 
 
-def validate_checkpoint(path: str, config: ConvGPTConfig | None = None) -> ConvGPTConfig:
-    """Check a checkpoint folder: config, weight files, tensor names and shapes."""
+def tokenizer_max_id(path: str) -> tuple[int, str] | None:
+    """The largest token id of the tokenizer stored in ``path`` and its token, or None
+    when the folder has no ``tokenizer.json``."""
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        vocab = Tokenizer.from_file(file).get_vocab(with_added_tokens=True)
+    except Exception as exc:
+        raise CheckpointError(f"{file}: not a readable tokenizer ({exc})") from exc
+    if not vocab:
+        return None
+    token, top = max(vocab.items(), key=lambda item: item[1])
+    return top, token
+
+
+def check_tokenizer(path: str, config: ConvGPTConfig) -> None:
+    """Raise when the tokenizer in ``path`` can produce ids the model has no row for."""
+    found = tokenizer_max_id(path)
+    if found is not None and found[0] >= config.vocab_size:
+        top, token = found
+        raise CheckpointError(
+            f"{path}: the tokenizer has token ids up to {top} ({token!r}) but config.json's "
+            f"vocab_size is {config.vocab_size}; every id must be < vocab_size"
+        )
+
+
+def validate_checkpoint(
+    path: str, config: ConvGPTConfig | None = None, tokenizer_path: str | None = None
+) -> ConvGPTConfig:
+    """Check a checkpoint folder: config, weight files, tensor names, shapes and dtypes, and
+    the tokenizer's ids against ``vocab_size`` (``tokenizer_path`` if the tokenizer lives
+    elsewhere)."""
     config = read_config(path) if config is None else config
-    check_tensors(tensor_shapes(safetensors_files(path)), config, source=path)
+    check_tensors(tensor_headers(safetensors_files(path)), config, source=path)
+    check_tokenizer(tokenizer_path or path, config)
     return config
+
+
+def non_finite_tensors(path: str) -> list[str]:
+    """Names of the tensors in a checkpoint folder holding NaN or infinite values."""
+    import torch
+    from safetensors import safe_open
+
+    bad = []
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118
+                t = f.get_tensor(name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad.append(name)
+    return bad
 
 
 class TensorChecker:
     """Strict bookkeeping for engine loaders that stream ``(name, tensor)`` pairs.
 
-    ``see`` raises at once for an unexpected or misshapen tensor (before the engine's
-    loader reports a bare size mismatch); ``finish`` raises for anything never seen.
+    ``see`` raises at once for an unexpected, misshapen or non-floating tensor (before the
+    engine's loader reports a bare size mismatch or casts it); ``finish`` raises for
+    anything never seen.  Tensors holding NaN or inf are collected in ``non_finite``.
     """
 
     def __init__(self, config: ConvGPTConfig, source: str = "checkpoint") -> None:
         self.expected = expected_tensors(config)
         self.config = config
         self.source = source
-        self.seen: dict[str, tuple[int, ...]] = {}
+        self.seen: dict[str, tuple[tuple[int, ...], object]] = {}
+        self.non_finite: list[str] = []
 
-    def see(self, name: str, shape: Iterable[int]) -> None:
-        shape = tuple(shape)
+    def see(self, name: str, shape: Iterable[int], dtype=None) -> None:
+        entry = (tuple(shape), dtype)
         if name in self.seen:
             raise CheckpointError(f"{self.source}: tensor {name} appears twice")
-        self.seen[name] = shape
-        _raise_if(_problems({name: shape}, self.expected, self.config, complete=False), self.source)
+        self.seen[name] = entry
+        _raise_if(_problems({name: entry}, self.expected, self.config, complete=False), self.source)
+
+    def see_tensor(self, name: str, tensor) -> None:
+        """:meth:`see` for a loaded tensor: also notes whether it is all finite."""
+        self.see(name, tensor.shape, tensor.dtype)
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            self.non_finite.append(name)
 
     def finish(self) -> None:
         _raise_if(_problems(self.seen, self.expected, self.config), self.source)
@@ -226,7 +339,7 @@ def load_published(
     checker = TensorChecker(config, source="ConvGPT checkpoint")
     loaded: set[str] = set()
     for name, tensor in weights:
-        checker.see(name, tensor.shape)
+        checker.see_tensor(name, tensor)
         target, shard = stacked_param(name)
         param = params[target]
         loader = getattr(param, "weight_loader", default_loader)
@@ -236,4 +349,6 @@ def load_published(
             loader(param, tensor, shard)
         loaded.add(target)
     checker.finish()
+    if checker.non_finite:
+        logger.warning("ConvGPT checkpoint: NaN or inf values in %s", ", ".join(checker.non_finite))
     return loaded

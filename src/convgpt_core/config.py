@@ -28,6 +28,17 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 DECODER_NORM_EPS = 1e-6
 # ScaleNorm clamps the scaled L2 norm from below at this value (SPEC).
 SCALE_NORM_EPS = 1e-5
+# Fields a config.json must state: their class defaults would silently describe another
+# model (the reference class's defaults were a trap; see the module docstring).
+REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "conv_kernel_h_w",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "head_dim",
+    "intermediate_size",
+)
 
 
 @dataclass(frozen=True)
@@ -178,6 +189,8 @@ class ConvGPTConfig(PretrainedConfig):
         if head_dim is None:
             head_dim = geometry.D // num_attention_heads if num_attention_heads else 0
         self.head_dim = head_dim
+        if not kwargs.get("architectures"):  # engines dispatch on architectures[0]
+            kwargs["architectures"] = [ARCHITECTURE]
         # Validate before the base class runs transformers' own (less specific) validators.
         self.validate_convgpt()
         super().__init__(
@@ -192,6 +205,18 @@ class ConvGPTConfig(PretrainedConfig):
             getattr(self, "rope_parameters", None), None, rope_theta
         )
         self.validate_convgpt()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """Build from a parsed ``config.json`` (what ``AutoConfig`` and the engines call);
+        a required field that is absent is named as missing instead of defaulted."""
+        missing = [f for f in REQUIRED_FIELDS if f not in config_dict and f not in kwargs]
+        if missing:
+            raise ValueError(
+                f"config.json lacks required field{'s' if len(missing) > 1 else ''} "
+                f"{', '.join(missing)} (model_type {MODEL_TYPE!r})"
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def geometry(self) -> Geometry:

@@ -43,6 +43,14 @@ def _reshape(name, shape):
     return lambda w: w.__setitem__(name, torch.zeros(shape))
 
 
+def _retype(name, dtype):
+    return lambda w: w.__setitem__(name, w[name].to(dtype))
+
+
+def _unset(field):
+    return lambda c: c.pop(field)
+
+
 MALFORMED = [
     ("tiny", "weights", _drop("model.layers.1.self_attn.k_norm.weight"), "missing tensors: model.layers.1.self_attn.k_norm.weight"),
     ("tiny", "weights", _drop("model.conv.weight"), "missing tensors: model.conv.weight"),
@@ -56,6 +64,18 @@ MALFORMED = [
     ("tiny", "config", lambda c: c.update(conv_kernel_h_w=5), "model.conv.weight has shape (16, 16, 1, 3), expected (16, 16, 1, 5)"),
     ("tiny", "config", lambda c: c.update(model_type="llama"), "model_type is 'llama'"),
     ("tiny", "config", lambda c: c.update(tie_word_embeddings=False), "missing tensors: lm_head.weight"),
+    # integer or boolean weights would be cast silently by every loader
+    ("tiny", "weights", _retype("model.layers.0.mlp.up_proj.weight", torch.int32),
+     "model.layers.0.mlp.up_proj.weight has dtype int32; ConvGPT weights must be floating point"),
+    ("tiny", "weights", _retype("model.norm_emb.g", torch.bool), "model.norm_emb.g has dtype bool"),
+    ("tiny-untied", "weights", _retype("lm_head.weight", torch.int64), "lm_head.weight has dtype int64"),
+    # wider than the dtype config.json declares (float32): the cast would lose precision
+    ("tiny", "weights", _retype("model.conv.weight", torch.float64),
+     "model.conv.weight has dtype float64, which config.json's dtype float32 cannot hold without loss"),
+    # a required field absent is named as missing, not replaced by the class default
+    ("tiny", "config", _unset("hidden_size"), "lacks required field hidden_size"),
+    ("tiny", "config", _unset("conv_kernel_h_w"), "lacks required field conv_kernel_h_w"),
+    ("tiny", "config", _unset("vocab_size"), "lacks required field vocab_size"),
 ]
 
 
@@ -71,6 +91,45 @@ def test_malformed_checkpoint_is_rejected_naming_the_problem(tiny_dirs, tmp_path
     assert needle in str(info.value)
 
 
+def test_lossless_dtypes_and_missing_architectures_load(tiny_dirs, tmp_path):
+    """bfloat16 weights fit a float32 config; a config without `architectures` is ConvGPT's."""
+    from transformers import AutoConfig
+
+    from convgpt_core import register_config
+
+    path = _copy(tiny_dirs["tiny"], tmp_path / "ok")
+    _edit_weights(path, _retype("model.layers.1.mlp.down_proj.weight", torch.bfloat16))
+    _edit_config(path, _unset("architectures"))
+    validate_checkpoint(path)
+    register_config()
+    assert AutoConfig.from_pretrained(path).architectures == ["ConvGPTForCausalLM"]
+
+
+def test_tokenizer_ids_beyond_vocab_size_are_rejected(tiny_dirs, tmp_path):
+    """A tokenizer that can emit ids without an embedding row would crash the first request."""
+    path = _copy(tiny_dirs["tiny"], tmp_path / "v")
+    _edit_config(path, lambda c: c.update(vocab_size=300))
+    _edit_weights(path, lambda w: w.update({"model.embed_tokens.weight": w["model.embed_tokens.weight"][:300]}))
+    with pytest.raises(CheckpointError, match=r"tokenizer has token ids up to 511 \('.*'\) but config.json's vocab_size is 300"):
+        validate_checkpoint(path)
+    with pytest.raises(ValueError, match="vocab_size is 300"):
+        ConvGPTForCausalLM.from_pretrained(path)
+
+
+def test_non_finite_weights_are_reported(tiny_dirs, tmp_path):
+    from convgpt_core.checkpoint import TensorChecker, non_finite_tensors, read_config
+
+    path = _copy(tiny_dirs["tiny"], tmp_path / "nan")
+    _edit_weights(path, lambda w: w["model.layers.0.norm2.weight"].__setitem__(3, float("nan")))
+    assert non_finite_tensors(path) == ["model.layers.0.norm2.weight"]
+    r = _cli("inspect", path)
+    assert r.returncode == 0 and "NaN or inf in model.layers.0.norm2.weight" in r.stdout
+    checker = TensorChecker(read_config(path))
+    for name, t in load_file(os.path.join(path, "model.safetensors")).items():
+        checker.see_tensor(name, t)
+    assert checker.non_finite == ["model.layers.0.norm2.weight"]
+
+
 def test_missing_and_corrupt_files(tiny_dirs, tmp_path):
     path = _copy(tiny_dirs["tiny"], tmp_path / "a")
     os.unlink(os.path.join(path, "model.safetensors"))
@@ -78,6 +137,13 @@ def test_missing_and_corrupt_files(tiny_dirs, tmp_path):
         validate_checkpoint(path)
     with open(os.path.join(path, "model.safetensors"), "wb") as f:
         f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        validate_checkpoint(path)
+    torch.save({"x": torch.zeros(3)}, os.path.join(path, "model.safetensors"))  # a pickle, renamed
+    with pytest.raises(CheckpointError, match="not a readable safetensors file.*never pickles"):
+        validate_checkpoint(path)
+    with open(os.path.join(path, "model.safetensors"), "wb") as f:
+        f.write(os.urandom(4096))
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         validate_checkpoint(path)
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -172,3 +238,5 @@ def test_streaming_checker_names_the_tensor_at_once():
             checker.see(name, shape)
     with pytest.raises(CheckpointError, match="missing tensors: model.norm_emb.g$"):
         checker.finish()
+    with pytest.raises(CheckpointError, match="model.norm.weight has dtype int8"):
+        TensorChecker(config).see_tensor("model.norm.weight", torch.ones(256, dtype=torch.int8))
