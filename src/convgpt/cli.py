@@ -68,6 +68,12 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from convgpt.serve import serve
+
+    return serve(args.engine, args.model, args.engine_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     from convgpt_core.tiny import PRESETS
 
@@ -81,8 +87,24 @@ def main(argv: list[str] | None = None) -> int:
     insp = sub.add_parser("inspect", help="validate a checkpoint and print its geometry")
     insp.add_argument("path")
     insp.set_defaults(func=_inspect)
+    srv = sub.add_parser(
+        "serve", help="serve a checkpoint with an engine's OpenAI-compatible server",
+        description="Start vLLM's or SGLang's own server for a ConvGPT checkpoint, with the defaults this "
+        "machine needs (CPU or CUDA); every argument after MODEL goes to the engine unchanged. The "
+        "engine's processes are stopped together when the server exits.",
+    )
+    srv.add_argument("engine", choices=["vllm", "sglang"], help="which engine serves")
+    srv.add_argument("model", help="checkpoint folder (or a hub id the engine resolves)")
+    srv.add_argument("engine_args", nargs=argparse.REMAINDER, help="passed to the engine's server")
+    srv.set_defaults(func=_serve)
     args = parser.parse_args(argv)
-    return args.func(args)
+    from convgpt_core.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        print(f"convgpt {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

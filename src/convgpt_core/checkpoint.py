@@ -256,6 +256,15 @@ def validate_checkpoint(
     return config
 
 
+def check_served_checkpoint(model: str, tokenizer: str | None = None) -> None:
+    """What an engine adapter runs when it builds the model: when ``model`` is a local
+    folder, :func:`validate_checkpoint` on it (config, files, names, shapes, dtypes) and on
+    the tokenizer the engine will use, so that a bad checkpoint fails before any weight is
+    read, with the tensor or field named.  Hub ids are left to the streaming checks."""
+    if os.path.isdir(model):
+        validate_checkpoint(model, tokenizer_path=tokenizer if tokenizer and os.path.isdir(tokenizer) else None)
+
+
 def non_finite_tensors(path: str) -> list[str]:
     """Names of the tensors in a checkpoint folder holding NaN or infinite values."""
     import torch

@@ -32,7 +32,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.model_loader.weight_utils import default_weight_loader
 from torch import nn
 
-from convgpt_core.checkpoint import load_published
+from convgpt_core.checkpoint import check_served_checkpoint, load_published
 from convgpt_core.compressor import CausalConvPool, ScaleNorm, compress, compressed_table, prepare_compress
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 
@@ -157,7 +157,9 @@ class ConvGPTModel(nn.Module):
                 input_embeds = original
             h = compress(input_embeds.to(self.conv.weight.dtype), self.conv, self.norm_emb)
         else:
-            h = self.embed_compressed(input_ids)
+            # Requests are checked before they get here (plugin.py); the clamp keeps any id
+            # that slips through from indexing outside the table.
+            h = self.embed_compressed(input_ids.clamp(0, self.config.vocab_size - 1))
         residual = None
         for layer in self.layers:
             h, residual = layer(positions, h, forward_batch, residual)
@@ -176,6 +178,11 @@ class ConvGPTModel(nn.Module):
 class ConvGPTForCausalLM(nn.Module):
     def __init__(self, config: ConvGPTConfig, quant_config=None, prefix: str = "") -> None:
         super().__init__()
+        from sglang.srt.runtime_context import get_server_args  # same in 0.5.16 and 0.5.23
+
+        args = get_server_args()
+        if args is not None:
+            check_served_checkpoint(args.model_path, args.tokenizer_path)
         self.config = config
         self.quant_config = quant_config
         self.model = ConvGPTModel(config, quant_config, _prefix(prefix, "model"))

@@ -40,7 +40,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import make_layers, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
-from convgpt_core.checkpoint import load_published
+from convgpt_core.checkpoint import check_served_checkpoint, load_published
 from convgpt_core.compressor import CausalConvPool, ScaleNorm, compress, compressed_table, prepare_compress
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 
@@ -179,7 +179,9 @@ class ConvGPTModel(nn.Module):
         if inputs_embeds is not None:
             h = compress(inputs_embeds, self.conv, self.norm_emb)
         else:
-            h = self.embed_compressed(input_ids)
+            # Requests are checked before they get here; the clamp keeps any id that slips
+            # through (offline use, a future route) from indexing outside the table.
+            h = self.embed_compressed(input_ids.clamp(0, self.config.vocab_size - 1))
         residual = None
         for layer in self.layers[self.start_layer : self.end_layer]:
             h, residual = layer(positions, h, residual)
@@ -207,6 +209,7 @@ class ConvGPTForCausalLM(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config: ConvGPTConfig = vllm_config.model_config.hf_config
+        check_served_checkpoint(vllm_config.model_config.model, vllm_config.model_config.tokenizer)
         if get_pp_group().world_size > 1:
             raise ValueError("ConvGPT does not support pipeline parallelism; use tensor parallelism")
         self.config = config
