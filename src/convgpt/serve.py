@@ -18,6 +18,7 @@ that leaves no process behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -138,10 +139,8 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 
 
 def kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def supervise(cmd: list[str], env: dict[str, str]) -> int:
@@ -150,10 +149,8 @@ def supervise(cmd: list[str], env: dict[str, str]) -> int:
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
     def forward(signum, _frame):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, forward)

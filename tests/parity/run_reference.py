@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import matrix
 import torch
 from transformers.cache_utils import DynamicCache
 
+import matrix
 from convgpt_core.modeling import ConvGPTForCausalLM
 
 

@@ -28,9 +28,9 @@ import tempfile
 import time
 
 import httpx
-import servers
 import torch
 
+import servers
 from convgpt_core.tiny import make_checkpoint
 
 VOCAB, H, D = 512, 256, 64  # the tiny preset

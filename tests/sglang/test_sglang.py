@@ -10,14 +10,13 @@ import urllib.request
 import pytest
 import torch
 
+import servers
 from conftest import ENGINE_DEFAULTS, HAS_CUDA
 from helpers import (
     assert_matches_reference,
     free_port,
     prompts,
     reference_embeddings,
-    stop,
-    wait_http,
     with_auto_map,
 )
 
@@ -89,17 +88,16 @@ def offline_texts(engine, tiny_dirs):
 
 @pytest.fixture(scope="module")
 def server(offline_texts, tiny_dirs, tmp_path_factory):
-    """`sglang.launch_server` on a hub-style copy (with auto_map), as a user would start it."""
+    """`convgpt serve sglang` on a hub-style copy (with auto_map), as a user would start it,
+    with no SGLANG_EXTERNAL_MODEL_PACKAGE in its environment (the plugin names the package)."""
     path = with_auto_map(tiny_dirs["tiny"], str(tmp_path_factory.mktemp("hub") / "tiny"))
-    port = free_port()
-    env = dict(os.environ, SGLANG_EXTERNAL_MODEL_PACKAGE="convgpt.sglang")
+    os.environ.pop("SGLANG_EXTERNAL_MODEL_PACKAGE", None)
     # SGLang accepts input_embeds only with the radix cache off (the offline tests cover it on).
-    proc = subprocess.Popen(_server_args(path, port) + ["--disable-radix-cache"], env=env, stdout=sys.stderr, stderr=sys.stderr)
+    server = servers.start("sglang", path, *servers.engine_args("sglang", embeds=True))
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
-        yield f"http://127.0.0.1:{port}", path
+        yield server.base, path
     finally:
-        stop(proc)
+        server.stop()
 
 
 def _post(url, body):
@@ -114,8 +112,8 @@ def test_served_generate_completion_and_chat_equal_offline(server, offline_texts
     base, _ = server
     native = _post(f"{base}/generate", {"text": PROMPT, "sampling_params": {"temperature": 0, "max_new_tokens": 16}})
     client = OpenAI(base_url=f"{base}/v1", api_key="none")
-    comp = client.completions.create(model="default", prompt=PROMPT, max_tokens=16, temperature=0)
-    chat = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=16, temperature=0)
+    comp = client.completions.create(model=servers.SERVED_NAME, prompt=PROMPT, max_tokens=16, temperature=0)
+    chat = client.chat.completions.create(model=servers.SERVED_NAME, messages=MESSAGES, max_tokens=16, temperature=0)
     assert native["text"] and native["text"] == comp.choices[0].text
     assert [comp.choices[0].text, chat.choices[0].message.content] == offline_texts
 

@@ -7,14 +7,11 @@ import sys
 import pytest
 import torch
 
-from convgpt.vllm.launch import serve_command
+import servers
 from helpers import (
     assert_matches_reference,
-    free_port,
     prompts,
     reference_embeddings,
-    stop,
-    wait_http,
     with_auto_map,
 )
 
@@ -85,17 +82,13 @@ def test_embed_input_ids_is_hidden_size_wide(engines, tiny_dirs):
 
 @pytest.fixture(scope="module")
 def server(tiny_dirs, tmp_path_factory):
-    """`vllm serve` on a hub-style copy (with auto_map), as a user would start it."""
+    """`convgpt serve vllm` on a hub-style copy (with auto_map), as a user would start it."""
     path = with_auto_map(tiny_dirs["tiny"], str(tmp_path_factory.mktemp("hub") / "tiny"))
-    port = free_port()
-    cmd = serve_command(path, "--served-model-name", "convgpt", "--port", str(port), "--max-model-len", "512",
-                        "--enforce-eager")
-    proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
+    server = servers.start("vllm", path, "--max-model-len", "512", "--enforce-eager")
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
-        yield f"http://127.0.0.1:{port}/v1", path
+        yield f"{server.base}/v1", path
     finally:
-        stop(proc)
+        server.stop()
 
 
 def test_served_completion_and_chat_equal_offline(server, engines):
