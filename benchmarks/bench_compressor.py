@@ -30,16 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
+from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "src"))
 
 TOKENS = [1, 16, 256, 4096, 65536]
 PATHS = ["seed", "fused", "table", "gather_h"]
-VOCAB = 65538
-F_, E_, K_ = 36, 3, 5
 
 # (label, fused_compress keyword options) for --variants; {} is the built-in heuristic
 VARIANTS = [
@@ -125,8 +122,12 @@ def run(args) -> dict:
     from triton.testing import do_bench
 
     from convgpt_core import kernels
-    from convgpt_core.compressor import compressed_table
-    from convgpt_core.config import Geometry
+    from convgpt_core.compressor import Geometry, compressed_table, fold
+    from convgpt_core.config import PUBLISHED
+
+    VOCAB = PUBLISHED["vocab_size"]
+    geom = Geometry.from_config(SimpleNamespace(**PUBLISHED))
+    F_, E_, K_ = geom.F, geom.e, geom.k
 
     dev = args.device
     if dev == "cuda":
@@ -135,9 +136,7 @@ def run(args) -> dict:
         assert os.environ.get("TRITON_INTERPRET") == "1", "--device cpu needs TRITON_INTERPRET=1"
         do_bench = _cpu_bench  # noqa: F811
     torch.manual_seed(0)
-    geom = Geometry.from_values(F_ * F_, K_)
-    assert (geom.F, geom.e, geom.D, geom.k) == (F_, E_, 144, K_)
-    H, D = geom.hidden_size, geom.D
+    H, D = geom.H, geom.D
     dt = torch.bfloat16
 
     def bench(f) -> float:
@@ -149,7 +148,9 @@ def run(args) -> dict:
     g32 = torch.ones(1, device=dev)
     emb, w, g = emb32.to(dt), w32.to(dt), g32.to(dt)
     table = compressed_table(emb, w, g, geom).to(dt)  # vocab x D
-    kernels.folded_weight(w, geom, dt)  # fold once, outside the timings
+    # M.T (H x D) as the conv module holds it after loading, folded once outside the timings
+    mt32 = fold(w32, geom, torch.float32).T.contiguous()
+    mt = fold(w, geom, torch.float32).T.contiguous().to(dt)
 
     # ---- correctness -----------------------------------------------------------------
     checks = {}
@@ -158,15 +159,15 @@ def run(args) -> dict:
     ids = torch.randint(0, VOCAB, (4099 if dev == "cuda" else 37,), device=dev)
     x32 = emb32[ids]
     want32 = seed_compress(x32, w32, g32, F_, E_, K_)
-    checks["fp32_fused_vs_seed"] = rel_err(kernels.fused_compress(x32, w32, g32, geom, 1e-5), want32)
+    checks["fp32_fused_vs_seed"] = rel_err(kernels.fused_compress(x32, mt32, g32, 1e-5), want32)
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
     xb = emb[ids]
     seed_b = seed_compress(xb, w, g, F_, E_, K_)
-    fused_b = kernels.fused_compress(xb, w, g, geom, 1e-5)
+    fused_b = kernels.fused_compress(xb, mt, g, 1e-5)
     checks["bf16_fused_vs_seed"] = rel_err(fused_b, seed_b)
     checks["bf16_table_vs_fused"] = rel_err(fn.embedding(ids, table), fused_b)
     for opts_label, opts in VARIANTS if args.variants else []:
-        checks[f"bf16_{opts_label}_vs_seed"] = rel_err(kernels.fused_compress(xb, w, g, geom, 1e-5, **opts), seed_b)
+        checks[f"bf16_{opts_label}_vs_seed"] = rel_err(kernels.fused_compress(xb, mt, g, 1e-5, **opts), seed_b)
     ok = checks["fp32_fused_vs_seed"] < 1e-4 and all(v < 2e-2 for k, v in checks.items() if k.startswith("bf16"))
     print("correctness:", ", ".join(f"{k}={v:.2e}" for k, v in checks.items()), "->", "OK" if ok else "FAILED")
     if not ok:
@@ -186,7 +187,7 @@ def run(args) -> dict:
         out = torch.empty(T, D, dtype=dt, device=dev)
         fns = {
             "seed": (lambda x=x: seed_compress(x, w, g, F_, E_, K_), T * H * 2 + conv_bytes + T * D * 2),
-            "fused": (lambda x=x, out=out: kernels.fused_compress(x, w, g, geom, 1e-5, out=out),
+            "fused": (lambda x=x, out=out: kernels.fused_compress(x, mt, g, 1e-5, out=out),
                       T * H * 2 + m_bytes + T * D * 2),
             "table": (lambda ids=ids: fn.embedding(ids, table), T * D * 2 + T * 4 + T * D * 2),
             "gather_h": (lambda ids=ids: fn.embedding(ids, emb), T * H * 2 + T * 4 + T * H * 2),
@@ -198,7 +199,7 @@ def run(args) -> dict:
                              roofline=nbytes / bw / (ms * 1e-3), host_us=host_us(f, dev) if T <= 256 else None))
         if args.variants:
             for label, opts in VARIANTS:
-                ms = bench(lambda opts=opts, x=x, out=out: kernels.fused_compress(x, w, g, geom, 1e-5, out=out, **opts))
+                ms = bench(lambda opts=opts, x=x, out=out: kernels.fused_compress(x, mt, g, 1e-5, out=out, **opts))
                 nbytes = fns["fused"][1]
                 variants.append(dict(tokens=T, variant=label, opts=opts, median_us=ms * 1e3,
                                      roofline=nbytes / bw / (ms * 1e-3)))

@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "src"))
 
 Generate = Callable[[list[list[int]], int], None]
 Start = Callable[[str, argparse.Namespace], tuple[Generate, Callable[[], None]]]

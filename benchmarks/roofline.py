@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "src"))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 NOMINAL_BF16_TFLOPS = 989.4  # H100 SXM dense bf16 (datasheet)
 KV_BYTES = {"auto": 2, "bfloat16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
@@ -46,7 +44,7 @@ def geometries() -> dict[str, dict]:
     cfg = ConvGPTConfig(**PRESETS["published"])
     g = cfg.geometry
     twin_cfg = Qwen3Config(
-        vocab_size=cfg.vocab_size, hidden_size=g.hidden_size, intermediate_size=cfg.intermediate_size,
+        vocab_size=cfg.vocab_size, hidden_size=g.H, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, tie_word_embeddings=True,
     )
@@ -54,10 +52,10 @@ def geometries() -> dict[str, dict]:
         twin_params = sum(p.numel() for p in Qwen3ForCausalLM(twin_cfg).parameters())
     common = dict(layers=cfg.num_hidden_layers, q=cfg.num_attention_heads * cfg.head_dim,
                   kv=cfg.num_key_value_heads * cfg.head_dim, inner=cfg.intermediate_size,
-                  H=g.hidden_size, vocab=cfg.vocab_size)
+                  H=g.H, vocab=cfg.vocab_size)
     return {
         "convgpt": dict(common, width=g.D, params=parameter_count(cfg), tied_scale_up=cfg.tie_word_embeddings),
-        "twin": dict(common, width=g.hidden_size, params=twin_params, tied_scale_up=False),
+        "twin": dict(common, width=g.H, params=twin_params, tied_scale_up=False),
     }
 
 

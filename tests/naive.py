@@ -1,4 +1,4 @@
-"""An independent float64 ConvGPT forward pass, written from SPEC.md for the tests.
+"""An independent float64 ConvGPT forward pass, written from docs/model.md for the tests.
 
 It shares no code with ``convgpt_core``: it reads ``config.json`` as a dict and the
 weights with safetensors, and spells every step out (the compressor with explicit loops
@@ -23,7 +23,7 @@ def load(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def compress_loops(x: torch.Tensor, conv_w: torch.Tensor, e: int) -> torch.Tensor:
-    """SPEC step 2 for x of shape (T, H): conv with causal left padding, then e x e mean pool."""
+    """docs/model.md steps 2-3 for x of shape (T, H): conv with causal left padding, then e x e mean pool."""
     T, H = x.shape
     F = math.isqrt(H)
     k = conv_w.shape[-1]

@@ -40,10 +40,10 @@ def _inspect(args: argparse.Namespace) -> int:
     g = config.geometry
     sliding = [i for i, t in enumerate(config.layer_types) if t == "sliding_attention"]
     rows = [
-        ("hidden_size H", g.hidden_size),
+        ("hidden_size H", g.H),
         ("grid F x F", f"{g.F} x {g.F}"),
         ("pool e", g.e),
-        ("residual D", f"{g.D} ({g.hidden_size / g.D:g}x narrower)"),
+        ("residual D", f"{g.D} ({g.H / g.D:g}x narrower)"),
         ("conv kernel k", g.k),
         ("layers", config.num_hidden_layers),
         ("heads q / kv / head_dim", f"{config.num_attention_heads} / {config.num_key_value_heads} / {config.head_dim}"),
@@ -74,18 +74,25 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args.engine, args.model, args.engine_args)
 
 
+# convgpt_core.tiny.PRESETS' names, listed here so that `--help` imports no torch (a test
+# keeps the two equal).
+PRESET_NAMES = ("tiny", "tiny-untied", "tiny-sliding", "published")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from convgpt_core.tiny import PRESETS
+    from convgpt import __version__
 
     parser = argparse.ArgumentParser(prog="convgpt", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     tiny = sub.add_parser("make-tiny", help="write a random-weight checkpoint (offline)")
     tiny.add_argument("out", help="output folder")
-    tiny.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--preset", default="tiny", choices=PRESET_NAMES,
+                      help="geometry: tiny (tied, H=256), tiny-untied, tiny-sliding, or the published model")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     tiny.set_defaults(func=_make_tiny)
     insp = sub.add_parser("inspect", help="validate a checkpoint and print its geometry")
-    insp.add_argument("path")
+    insp.add_argument("path", help="checkpoint folder")
     insp.set_defaults(func=_inspect)
     srv = sub.add_parser(
         "serve", help="serve a checkpoint with an engine's OpenAI-compatible server",

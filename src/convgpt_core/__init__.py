@@ -1,12 +1,16 @@
-"""Engine-agnostic ConvGPT: config and geometry, the compressor, checkpoints, reference model."""
+"""Engine-agnostic ConvGPT: config and geometry, the compressor, checkpoints, reference model.
+
+Importing this package registers the ``convgpt`` config and the reference model with
+transformers' Auto classes, so that, with no remote code::
+
+    import convgpt_core  # noqa: F401
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained("path/to/checkpoint")
+"""
 
 from .config import ARCHITECTURE, MODEL_TYPE, ConvGPTConfig, Geometry, register_config
+from .modeling import register as _register_with_transformers
 
-__all__ = ["ARCHITECTURE", "MODEL_TYPE", "ConvGPTConfig", "Geometry", "register", "register_config"]
+_register_with_transformers()
 
-
-def register() -> None:
-    """Register the config and the reference model with transformers' Auto classes."""
-    from .modeling import register as _register
-
-    _register()
+__all__ = ["ARCHITECTURE", "MODEL_TYPE", "ConvGPTConfig", "Geometry", "register_config"]

@@ -28,7 +28,7 @@ class CheckpointError(ValueError):
 def expected_tensors(config: ConvGPTConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a checkpoint of ``config`` must hold, with its shape, in file order."""
     g = config.geometry
-    H, D, V = g.hidden_size, g.D, config.vocab_size
+    H, D, V = g.H, g.D, config.vocab_size
     hd, nq, nkv, inter = (
         config.head_dim,
         config.num_attention_heads,
@@ -53,14 +53,14 @@ def expected_tensors(config: ConvGPTConfig) -> dict[str, tuple[int, ...]]:
         out[p + "mlp.down_proj.weight"] = (D, inter)
         out[p + "norm1.weight"] = (D,)
         out[p + "norm2.weight"] = (D,)
-    if config.tie_word_embeddings:
-        out["model.scale_up.gate_proj.weight"] = (4 * H, D)
-        out["model.scale_up.up_proj.weight"] = (4 * H, D)
-        out["model.scale_up.down_proj.weight"] = (H, 4 * H)
-        out["model.norm.weight"] = (H,)
-    else:
-        out["model.norm.weight"] = (D,)
-        out["lm_head.weight"] = (V, D)
+    head = config.head
+    if head.tied:
+        out["model.scale_up.gate_proj.weight"] = (head.scale_up_inner, D)
+        out["model.scale_up.up_proj.weight"] = (head.scale_up_inner, D)
+        out["model.scale_up.down_proj.weight"] = (H, head.scale_up_inner)
+    out["model.norm.weight"] = (head.norm_width,)
+    if not head.tied:
+        out["lm_head.weight"] = (V, head.logits_width)
     return out
 
 
@@ -312,22 +312,23 @@ class TensorChecker:
         _raise_if(_problems(self.seen, self.expected, self.config), self.source)
 
 
-# Engines fuse q/k/v and gate/up into one tensor each; shard ids are the ones vLLM's and
-# SGLang's QKV/merged-column weight loaders take.
-STACKED_PARAMS = (
-    (".q_proj.", ".qkv_proj.", "q"),
-    (".k_proj.", ".qkv_proj.", "k"),
-    (".v_proj.", ".qkv_proj.", "v"),
-    (".gate_proj.", ".gate_up_proj.", 0),
-    (".up_proj.", ".gate_up_proj.", 1),
-)
+# The fused layers both engines build from checkpoint tensors (their QKV and merged-column
+# linears): {engine layer name: the checkpoint layers it holds, in shard order}.  The
+# adapters name their layers so and hand this to their engine (vLLM's
+# packed_modules_mapping); the shard ids are the ones those layers' weight loaders take.
+FUSED_LAYERS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+SHARD_IDS: dict[str, str | int] = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "gate_proj": 0, "up_proj": 1}
 
 
 def stacked_param(name: str) -> tuple[str, str | int | None]:
     """Checkpoint name -> (engine parameter name, shard id or None) for fused layers."""
-    for part, fused, shard in STACKED_PARAMS:
-        if part in name:
-            return name.replace(part, fused), shard
+    for fused, parts in FUSED_LAYERS.items():
+        for part in parts:
+            if f".{part}." in name:
+                return name.replace(f".{part}.", f".{fused}."), SHARD_IDS[part]
     return name, None
 
 
@@ -350,7 +351,12 @@ def load_published(
     for name, tensor in weights:
         checker.see_tensor(name, tensor)
         target, shard = stacked_param(name)
-        param = params[target]
+        param = params.get(target)
+        if param is None:
+            raise CheckpointError(
+                f"the engine model has no parameter {target} for checkpoint tensor {name} "
+                "(adapters must name their fused layers as convgpt_core.checkpoint.FUSED_LAYERS says)"
+            )
         loader = getattr(param, "weight_loader", default_loader)
         if shard is None:
             loader(param, tensor)

@@ -7,20 +7,96 @@ gives (F/e)^2 = D values, which ScaleNorm rescales to RMS ``g``.
 
 Because conv and pool are linear, they reduce to one fixed D x H matrix (:func:`fold`);
 for token ids the whole compressor reduces to a vocab x D table
-(:func:`compressed_table`).  Adapters use those two for speed.
+(:func:`compressed_table`).  After the weights load, :func:`after_loading` folds the conv
+into a buffer the conv module owns (what the fused kernel multiplies by) and fills an
+adapter's table.  The torch code here is the math; :mod:`convgpt_core.kernels` launches
+the fused kernel.  This module imports nothing else of the package.
 
 Parameter names match published checkpoints relative to ``model.``: a model holds
 ``conv`` (:class:`CausalConvPool`, ``conv.weight``) and ``norm_emb``
-(:class:`ScaleNorm`, ``norm_emb.g``).  :class:`ConvCompressor` bundles the two.
+(:class:`ScaleNorm`, ``norm_emb.g``).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import SCALE_NORM_EPS, Geometry
+# ScaleNorm clamps the scaled L2 norm from below at this value (docs/model.md).
+SCALE_NORM_EPS = 1e-5
+
+
+def positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The compressor's shape: H = F * F input, D = (F / e) ** 2 output, kernel width k.
+
+    ``H`` and ``D`` are the names the code uses for config.json's ``hidden_size`` and
+    ``transformer_dim``."""
+
+    H: int
+    F: int
+    e: int
+    D: int
+    k: int
+
+    @classmethod
+    def from_values(
+        cls,
+        hidden_size: int,
+        conv_kernel_h_w: int,
+        emb_dim_factor: int | None = None,
+        emb_factor: int | None = None,
+        transformer_dim: int | None = None,
+    ) -> Geometry:
+        """From config.json's fields; stored F, e, D are honoured, missing ones derived from
+        ``hidden_size``, and any inconsistency raises ``ValueError`` naming the field."""
+        H = positive_int("hidden_size", hidden_size)
+        F = math.isqrt(H)
+        if F * F != H:
+            raise ValueError(
+                f"hidden_size={H} is not a perfect square (sqrt = {math.sqrt(H):.4f}); "
+                "ConvGPT views each embedding as an F x F grid"
+            )
+        if emb_dim_factor is not None and emb_dim_factor != F:
+            raise ValueError(
+                f"emb_dim_factor={emb_dim_factor} disagrees with hidden_size={H} (sqrt = {F})"
+            )
+        e = int(math.isqrt(F)) // 2 if emb_factor is None else emb_factor
+        e = positive_int("emb_factor", e)
+        if F % e:
+            raise ValueError(
+                f"emb_factor={e} does not divide emb_dim_factor={F}: the {e}x{e} pooling "
+                f"would not tile the {F}x{F} grid"
+            )
+        D = (F // e) ** 2
+        if transformer_dim is not None and transformer_dim != D:
+            raise ValueError(
+                f"transformer_dim={transformer_dim} disagrees with the pooled size "
+                f"(emb_dim_factor / emb_factor)^2 = ({F}/{e})^2 = {D}"
+            )
+        k = positive_int("conv_kernel_h_w", conv_kernel_h_w)
+        return cls(H=H, F=F, e=e, D=D, k=k)
+
+    @classmethod
+    def from_config(cls, config: Any) -> Geometry:
+        return cls.from_values(
+            hidden_size=config.hidden_size,
+            conv_kernel_h_w=config.conv_kernel_h_w,
+            emb_dim_factor=getattr(config, "emb_dim_factor", None),
+            emb_factor=getattr(config, "emb_factor", None),
+            transformer_dim=getattr(config, "transformer_dim", None),
+        )
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -48,7 +124,7 @@ def scale_norm(x: torch.Tensor, g: torch.Tensor, eps: float = SCALE_NORM_EPS) ->
 
 def fold(weight: torch.Tensor, geometry: Geometry, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The D x H matrix M with ``conv_pool(x) == x @ M.T`` (computed in float64)."""
-    eye = torch.eye(geometry.hidden_size, dtype=torch.float64, device=weight.device)
+    eye = torch.eye(geometry.H, dtype=torch.float64, device=weight.device)
     return conv_pool(eye, weight.to(torch.float64), geometry).T.contiguous().to(dtype)
 
 
@@ -77,8 +153,13 @@ def compressed_table(
 class CausalConvPool(nn.Module):
     """Conv2d(F, F, (1, k)) with causal left padding, then e x e average pooling.
 
-    Holds the checkpoint tensor ``conv.weight`` of shape (F, F, 1, k).
+    Holds the checkpoint tensor ``conv.weight`` of shape (F, F, 1, k) and, once
+    :meth:`refresh_fold` has run after loading, the buffer ``folded_t``: ``M.T`` (H x D,
+    ``conv_pool(x) == x @ M.T``) in the model's dtype, what the fused kernel multiplies by.
+    It is not part of the checkpoint, and is rebuilt whenever the weight changes.
     """
+
+    folded_t: torch.Tensor | None
 
     def __init__(self, geometry: Geometry, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -86,16 +167,19 @@ class CausalConvPool(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(geometry.F, geometry.F, 1, geometry.k, dtype=dtype), requires_grad=False
         )
+        self.register_buffer("folded_t", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return conv_pool(x, self.weight, self.geometry)
 
-    def fold(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return fold(self.weight, self.geometry, dtype)
+    @torch.no_grad()
+    def refresh_fold(self, dtype: torch.dtype) -> None:
+        """(Re)build ``folded_t`` from the current weight (folded in float64, stored in ``dtype``)."""
+        self.folded_t = fold(self.weight, self.geometry, torch.float32).T.contiguous().to(dtype)
 
     def extra_repr(self) -> str:
         g = self.geometry
-        return f"H={g.hidden_size} -> D={g.D}, F={g.F}, e={g.e}, k={g.k}"
+        return f"H={g.H} -> D={g.D}, F={g.F}, e={g.e}, k={g.k}"
 
 
 class ScaleNorm(nn.Module):
@@ -110,29 +194,18 @@ class ScaleNorm(nn.Module):
         return scale_norm(x, self.g, self.eps)
 
 
-def compress(x: torch.Tensor, conv: CausalConvPool, norm: ScaleNorm) -> torch.Tensor:
-    """H-wide embeddings ``[..., H]`` to the normalised D-wide residual ``[..., D]``.
-
-    On CUDA with Triton available this is one fused kernel; elsewhere torch ops.
-    """
-    from . import kernels
-
-    if kernels.fused_compress_available(x):
-        return kernels.fused_compress(x, conv.weight, norm.g, conv.geometry, norm.eps)
-    return norm(conv(x))
-
-
 @torch.no_grad()
-def prepare_compress(conv: CausalConvPool, norm: ScaleNorm, dtype: torch.dtype) -> None:
-    """Run the compressor once on ``dtype`` input right after the weights load, so that the
-    fused kernel's folded matrix is built (and its kernel compiled) then, not inside a
-    CUDA-graph capture or a compiled region later."""
-    x = torch.ones(1, conv.geometry.hidden_size, dtype=dtype, device=conv.weight.device)
-    compress(x, conv, norm)
+def after_loading(conv: CausalConvPool, norm: ScaleNorm, embed_weight: torch.Tensor, table: torch.Tensor) -> None:
+    """The one post-load step of a serving model: fold the conv for the fused kernel (in the
+    embedding's dtype) and fill ``table`` (rows of ``embed_weight``, e.g. one vocab shard)
+    with the compressed embeddings that token ids look up."""
+    conv.refresh_fold(embed_weight.dtype)
+    table.copy_(compressed_table(embed_weight, conv.weight, norm.g, conv.geometry).to(table.dtype))
 
 
 class ConvCompressor(nn.Module):
-    """``conv`` + ``norm_emb`` as one module; its state dict uses the checkpoint names."""
+    """``conv`` + ``norm_emb`` as one module (state dict in the checkpoint's names), with the
+    torch math as its forward."""
 
     def __init__(self, geometry: Geometry, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -141,10 +214,4 @@ class ConvCompressor(nn.Module):
         self.norm_emb = ScaleNorm(dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return compress(x, self.conv, self.norm_emb)
-
-    def fold(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.conv.fold(dtype)
-
-    def table(self, embed_weight: torch.Tensor) -> torch.Tensor:
-        return compressed_table(embed_weight, self.conv.weight, self.norm_emb.g, self.geometry)
+        return self.norm_emb(self.conv(x))

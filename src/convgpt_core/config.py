@@ -15,19 +15,18 @@ explicitly because the original config class derived them from its default
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import PretrainedConfig
 
+from .compressor import Geometry, positive_int
+
 MODEL_TYPE = "convgpt"
 ARCHITECTURE = "ConvGPTForCausalLM"
 LAYER_TYPES = ("full_attention", "sliding_attention")
-# Decoder-layer RMSNorms and the final norm use this eps whatever the config says (SPEC).
+# Decoder-layer RMSNorms and the final norm use this eps whatever the config says (docs/model.md).
 DECODER_NORM_EPS = 1e-6
-# ScaleNorm clamps the scaled L2 norm from below at this value (SPEC).
-SCALE_NORM_EPS = 1e-5
 # Fields a config.json must state: their class defaults would silently describe another
 # model (the reference class's defaults were a trap; see the module docstring).
 REQUIRED_FIELDS = (
@@ -41,71 +40,45 @@ REQUIRED_FIELDS = (
 )
 
 
+# The published ConvGPT-SYNTH-250B-EC (163,952,769 parameters): the class defaults, the
+# `published` preset of `convgpt make-tiny` and the benchmarks' geometry.
+PUBLISHED: dict[str, Any] = dict(
+    vocab_size=65538,
+    hidden_size=1296,  # F = 36, e = 3, D = 144
+    conv_kernel_h_w=5,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=3072,
+    max_position_embeddings=8192,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+)
+
+# The tied head's scale_up SwiGLU is D -> SCALE_UP_FACTOR * H -> H (docs/model.md).
+SCALE_UP_FACTOR = 4
+
+
 @dataclass(frozen=True)
-class Geometry:
-    """The compressor's shape: H = F * F input, D = (F / e) ** 2 output, kernel width k."""
+class HeadLayout:
+    """The output head (docs/model.md, step 6), the one definition every model builds from.
 
-    hidden_size: int
-    F: int
-    e: int
-    D: int
-    k: int
+    tied: ``scale_up`` (SwiGLU D -> ``scale_up_inner`` -> H), RMSNorm over H, logits
+    against ``embed_tokens`` (H wide).  Untied: RMSNorm over D, ``lm_head`` (vocab x D).
+    """
 
-    @property
-    def pooled_side(self) -> int:
-        return self.F // self.e
-
-    @classmethod
-    def from_values(
-        cls,
-        hidden_size: int,
-        conv_kernel_h_w: int,
-        emb_dim_factor: int | None = None,
-        emb_factor: int | None = None,
-        transformer_dim: int | None = None,
-    ) -> Geometry:
-        H = _positive_int("hidden_size", hidden_size)
-        F = math.isqrt(H)
-        if F * F != H:
-            raise ValueError(
-                f"hidden_size={H} is not a perfect square (sqrt = {math.sqrt(H):.4f}); "
-                "ConvGPT views each embedding as an F x F grid"
-            )
-        if emb_dim_factor is not None and emb_dim_factor != F:
-            raise ValueError(
-                f"emb_dim_factor={emb_dim_factor} disagrees with hidden_size={H} (sqrt = {F})"
-            )
-        e = int(math.isqrt(F)) // 2 if emb_factor is None else emb_factor
-        e = _positive_int("emb_factor", e)
-        if F % e:
-            raise ValueError(
-                f"emb_factor={e} does not divide emb_dim_factor={F}: the {e}x{e} pooling "
-                f"would not tile the {F}x{F} grid"
-            )
-        D = (F // e) ** 2
-        if transformer_dim is not None and transformer_dim != D:
-            raise ValueError(
-                f"transformer_dim={transformer_dim} disagrees with the pooled size "
-                f"(emb_dim_factor / emb_factor)^2 = ({F}/{e})^2 = {D}"
-            )
-        k = _positive_int("conv_kernel_h_w", conv_kernel_h_w)
-        return cls(hidden_size=H, F=F, e=e, D=D, k=k)
+    tied: bool
+    norm_width: int  # the final RMSNorm: H when tied, D when untied
+    scale_up_inner: int | None  # SCALE_UP_FACTOR * H when tied, else None
+    logits_width: int  # width of the hidden state the vocab projection reads
 
     @classmethod
-    def from_config(cls, config: Any) -> Geometry:
-        return cls.from_values(
-            hidden_size=config.hidden_size,
-            conv_kernel_h_w=config.conv_kernel_h_w,
-            emb_dim_factor=getattr(config, "emb_dim_factor", None),
-            emb_factor=getattr(config, "emb_factor", None),
-            transformer_dim=getattr(config, "transformer_dim", None),
-        )
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    def of(cls, config: Any) -> HeadLayout:
+        g = Geometry.from_config(config)
+        if config.tie_word_embeddings:
+            return cls(tied=True, norm_width=g.H, scale_up_inner=SCALE_UP_FACTOR * g.H, logits_width=g.H)
+        return cls(tied=False, norm_width=g.D, scale_up_inner=None, logits_width=g.D)
 
 
 class ConvGPTConfig(PretrainedConfig):
@@ -122,21 +95,21 @@ class ConvGPTConfig(PretrainedConfig):
 
     def __init__(
         self,
-        vocab_size: int = 65538,
-        hidden_size: int = 1296,
+        vocab_size: int = PUBLISHED["vocab_size"],
+        hidden_size: int = PUBLISHED["hidden_size"],
         emb_dim_factor: int | None = None,
         emb_factor: int | None = None,
         transformer_dim: int | None = None,
-        conv_kernel_h_w: int = 3,
-        num_hidden_layers: int = 32,
-        num_attention_heads: int = 16,
-        num_key_value_heads: int | None = 8,
-        head_dim: int | None = 128,
-        intermediate_size: int = 3072,
+        conv_kernel_h_w: int = PUBLISHED["conv_kernel_h_w"],
+        num_hidden_layers: int = PUBLISHED["num_hidden_layers"],
+        num_attention_heads: int = PUBLISHED["num_attention_heads"],
+        num_key_value_heads: int | None = PUBLISHED["num_key_value_heads"],
+        head_dim: int | None = PUBLISHED["head_dim"],
+        intermediate_size: int = PUBLISHED["intermediate_size"],
         hidden_act: str = "silu",
-        max_position_embeddings: int = 2048,
+        max_position_embeddings: int = PUBLISHED["max_position_embeddings"],
         rms_norm_eps: float = 1e-6,
-        rope_theta: float = 10000.0,
+        rope_theta: float = PUBLISHED["rope_theta"],
         rope_scaling: dict | None = None,
         rope_parameters: dict | None = None,
         layer_types: list[str] | None = None,
@@ -145,7 +118,7 @@ class ConvGPTConfig(PretrainedConfig):
         attention_bias: bool = False,
         initializer_range: float = 0.02,
         use_cache: bool = True,
-        tie_word_embeddings: bool = True,
+        tie_word_embeddings: bool = PUBLISHED["tie_word_embeddings"],
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
@@ -223,6 +196,10 @@ class ConvGPTConfig(PretrainedConfig):
         return Geometry.from_config(self)
 
     @property
+    def head(self) -> HeadLayout:
+        return HeadLayout.of(self)
+
+    @property
     def rope_theta_value(self) -> float:
         return float(self.rope_parameters["rope_theta"])
 
@@ -238,7 +215,7 @@ class ConvGPTConfig(PretrainedConfig):
             "intermediate_size",
             "max_position_embeddings",
         ):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_key_value_heads={self.num_key_value_heads} does not divide "
@@ -264,7 +241,7 @@ class ConvGPTConfig(PretrainedConfig):
                     f"layer_types[{i}]={kind!r} is not one of {', '.join(LAYER_TYPES)}"
                 )
         if "sliding_attention" in self.layer_types:
-            _positive_int("sliding_window (layer_types contains 'sliding_attention')", self.sliding_window)
+            positive_int("sliding_window (layer_types contains 'sliding_attention')", self.sliding_window)
         rope_type = self.rope_parameters.get("rope_type", "default")
         if rope_type != "default":
             raise ValueError(

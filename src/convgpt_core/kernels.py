@@ -1,35 +1,37 @@
-"""Dispatch between Triton kernels (CUDA) and torch fallbacks (everywhere else).
+"""The fused compressor kernel (Triton) and the dispatch the models call.
 
 The compressor (causal conv + e x e average pool + ScaleNorm) is linear up to the norm, so
 for embeddings ``x[..., H]`` it is ``ScaleNorm(x @ M.T)`` with the fixed D x H matrix
-``M = compressor.fold(conv.weight)``.  :func:`fused_compress` runs that as one Triton
-kernel: each program takes ``BLOCK_T`` tokens, streams ``x`` and ``M.T`` over H in
-``BLOCK_H`` chunks into fp32 tensor-core dots, and finishes with the row L2 norm over D,
-the clamp at ``eps``, the multiply by ``g`` and the cast to ``x``'s dtype in registers.
+``M``; the conv module keeps ``M.T`` as its buffer ``folded_t`` once the weights are loaded
+(:meth:`convgpt_core.compressor.CausalConvPool.refresh_fold`).  :func:`fused_compress`
+launches one Triton kernel for that: each program takes ``BLOCK_T`` tokens, streams ``x``
+and ``M.T`` over H in ``BLOCK_H`` chunks into fp32 tensor-core dots, and finishes with the
+row L2 norm over D, the clamp at ``eps``, the multiply by ``g`` and the cast to ``x``'s
+dtype in registers.  D does not have to be a power of two: it is covered by a main block
+of ``D_A`` columns (a power of two) plus an optional rest block ``D_B`` (a power of two
+>= 16), e.g. 144 = 128 + 16, instead of padding 144 up to 256.
 
-``M`` is folded once per conv weight and cached (keyed on the weight tensor's identity,
-storage pointer, in-place version, dtype and device), stored transposed (H x D_pad) in the
-compute dtype with zero-padded columns, so the kernel needs no masks on it.  D does not
-have to be a power of two: it is covered by a main block of ``D_A`` columns (a power of
-two) plus an optional rest block ``D_B`` (a power of two >= 16), e.g. 144 = 128 + 16,
-instead of padding 144 up to 256.
+:func:`compress` is what the models call: the kernel when it can run (CUDA or the
+interpreter, a folded buffer present), the torch math of :mod:`convgpt_core.compressor`
+otherwise.  Under ``torch.compile`` the launch is the opaque custom op
+``convgpt::fused_compress(x, folded_t, g, eps)``.
 
 Triton is imported guardedly: without it this module still imports, and
 :func:`fused_compress_available` is False.  The jit kernel is built on first use, once per
 ``TRITON_INTERPRET`` setting.  Triton's own library (``tl.zeros``, ``tl.sum``) is fixed
 interpreted or compiled when ``triton`` is imported, so the interpreter (CPU tensors)
-needs ``TRITON_INTERPRET=1`` set before that import.  Under ``torch.compile`` the call is
-the opaque custom op ``convgpt::fused_compress``.
+needs ``TRITON_INTERPRET=1`` set before that import.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import weakref
 from typing import Any
 
 import torch
+
+from .compressor import CausalConvPool, ScaleNorm
 
 try:  # pragma: no cover - depends on the environment
     import triton
@@ -57,47 +59,6 @@ def fused_compress_available(x: torch.Tensor) -> bool:
     return triton_available() and (x.is_cuda or _interpreting()) and x.dtype in _SUPPORTED_DTYPES
 
 
-# --------------------------------------------------------------------------------------
-# The folded matrix, cached per conv weight
-
-
-_FOLD_CACHE: dict[tuple, tuple[Any, torch.Tensor]] = {}
-_FOLD_CACHE_MAX = 16
-
-
-def _cached(conv_weight: torch.Tensor, geometry: Any, tag: tuple, build) -> torch.Tensor:
-    """``build()`` cached per (weight storage, in-place version, layout, geometry, tag).
-
-    A hit also needs the tensor that filled the entry to be alive with the same address
-    and version: then the address still belongs to that storage, so an alias of the
-    weight (as torch.compile may pass) hits, while a new tensor that reuses a freed
-    weight's address misses.
-    """
-    ptr, version = conv_weight.data_ptr(), conv_weight._version
-    key = (ptr, version, conv_weight.dtype, conv_weight.device, tuple(conv_weight.shape),
-           conv_weight.stride(), geometry, tag)
-    hit = _FOLD_CACHE.get(key)
-    if hit is not None:
-        owner = hit[0]()
-        if owner is not None and owner.data_ptr() == ptr and owner._version == version:
-            return hit[1]
-    value = build()
-    if len(_FOLD_CACHE) >= _FOLD_CACHE_MAX:
-        _FOLD_CACHE.pop(next(iter(_FOLD_CACHE)))
-    _FOLD_CACHE[key] = (weakref.ref(conv_weight), value)
-    return value
-
-
-def folded_weight(conv_weight: torch.Tensor, geometry: Any, dtype: torch.dtype) -> torch.Tensor:
-    """The D x H matrix ``M`` (``conv_pool(x) == x @ M.T``) in ``dtype``; cached per weight."""
-    from .compressor import fold
-
-    return _cached(
-        conv_weight, geometry, ("M", dtype),
-        lambda: fold(conv_weight.detach(), geometry, dtype),
-    )
-
-
 def _d_blocks(D: int, split_d: bool = True) -> tuple[int, int]:
     """Column blocks (D_A, D_B) covering D: D_A a power of two, D_B 0 or a power of two >= 16."""
     full = max(16, triton.next_power_of_2(D))
@@ -111,32 +72,21 @@ def _d_blocks(D: int, split_d: bool = True) -> tuple[int, int]:
     return d_a, d_b
 
 
-def _packed_weight(conv_weight: torch.Tensor, geometry: Any, dtype: torch.dtype, width: int) -> torch.Tensor:
-    """``M.T`` as a contiguous H x ``width`` matrix in ``dtype``, columns >= D zero."""
-
-    def build() -> torch.Tensor:
-        m = folded_weight(conv_weight, geometry, torch.float32)
-        mt = torch.zeros(geometry.hidden_size, width, dtype=dtype, device=m.device)
-        mt[:, : geometry.D] = m.T.to(dtype)
-        return mt
-
-    return _cached(conv_weight, geometry, ("MT", dtype, width), build)
-
-
 # --------------------------------------------------------------------------------------
 # The kernel
 
 
 def _compress_kernel_src(
     x_ptr, mt_ptr, g_ptr, y_ptr,
-    T, stride_xt, stride_yt,
+    T, stride_xt, stride_mh, stride_yt,
     eps, inv_sqrt_d,
     H: tl.constexpr, D: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     D_A: tl.constexpr, D_B: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """y[t, :D] = ScaleNorm(x[t, :H] @ MT[:H, :D]) for BLOCK_T tokens per program."""
+    """y[t, :D] = ScaleNorm(x[t, :H] @ MT[:H, :D]) for BLOCK_T tokens per program; columns
+    of the D_A + D_B blocks past D read as zeros."""
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
@@ -155,19 +105,21 @@ def _compress_kernel_src(
             x_ptr + rows[:, None] * stride_xt + hh[None, :],
             mask=mask_t[:, None] & mask_h[None, :], other=0.0,
         )
-        ma = tl.load(mt_ptr + hh[:, None] * (D_A + D_B) + offs_a[None, :], mask=mask_h[:, None], other=0.0)
+        ma = tl.load(mt_ptr + hh[:, None] * stride_mh + offs_a[None, :],
+                     mask=mask_h[:, None] & (offs_a[None, :] < D), other=0.0)
         if UPCAST:  # the interpreter's dot cannot multiply bfloat16 (numpy has no bf16)
             xt = xt.to(tl.float32)
             ma = ma.to(tl.float32)
         acc_a = tl.dot(xt, ma, acc_a, input_precision=PRECISION)
         if D_B > 0:
-            mb = tl.load(mt_ptr + hh[:, None] * (D_A + D_B) + offs_b[None, :], mask=mask_h[:, None], other=0.0)
+            mb = tl.load(mt_ptr + hh[:, None] * stride_mh + offs_b[None, :],
+                         mask=mask_h[:, None] & (offs_b[None, :] < D), other=0.0)
             if UPCAST:
                 mb = mb.to(tl.float32)
             acc_b = tl.dot(xt, mb, acc_b, input_precision=PRECISION)
 
-    # ScaleNorm epilogue: padded columns hold exact zeros (zero weights), so they add
-    # nothing to the sum of squares.
+    # ScaleNorm epilogue: columns past D were loaded as zeros, so they add nothing to the
+    # sum of squares.
     sq = tl.sum(acc_a * acc_a, axis=1)
     if D_B > 0:
         sq += tl.sum(acc_b * acc_b, axis=1)
@@ -226,9 +178,8 @@ def _default_tiles(T: int, H: int, width: int, dtype: torch.dtype, device: torch
 
 def fused_compress(
     x: torch.Tensor,
-    conv_weight: torch.Tensor,
+    folded_t: torch.Tensor,
     g: torch.Tensor,
-    geometry: Any,
     eps: float,
     *,
     out: torch.Tensor | None = None,
@@ -238,29 +189,22 @@ def fused_compress(
     num_stages: int | None = None,
     split_d: bool = True,
 ) -> torch.Tensor:
-    """``ScaleNorm(conv_pool(x))`` for ``x[..., H]`` -> ``[..., D]`` in ``x.dtype``, one launch.
+    """``ScaleNorm(x @ folded_t)`` for ``x[..., H]`` and ``folded_t`` (H x D) -> ``[..., D]``
+    in ``x.dtype``, one launch.
 
-    Matches :func:`convgpt_core.compressor.compress`.  ``out`` (contiguous, ``[..., D]``,
-    ``x.dtype``) receives the result if given.  The keyword tile settings override the
-    built-in heuristic (for benchmarking); ``split_d=False`` pads D to a power of two
-    instead of splitting it into two column blocks.
-
-    Under ``torch.compile`` (vLLM compiles the model's forward) the call goes through the
-    opaque custom op ``torch.ops.convgpt.fused_compress``, so Dynamo never traces the
-    weight cache or the launch.
+    ``out`` (contiguous, ``[..., D]``, ``x.dtype``) receives the result if given.  The
+    keyword tile settings override the built-in heuristic (for benchmarking);
+    ``split_d=False`` covers D with one power-of-two block instead of two.
     """
     if triton is None:  # pragma: no cover
         raise RuntimeError("fused_compress needs triton")
-    if _HAVE_OP and torch.compiler.is_compiling():
-        if out is not None or block_t or block_h or num_warps or num_stages or not split_d:
-            raise ValueError("fused_compress options are not supported under torch.compile")
-        gm = geometry
-        return torch.ops.convgpt.fused_compress(x, conv_weight, g, gm.hidden_size, gm.F, gm.e, gm.D, gm.k, float(eps))
     if x.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"fused_compress supports float32/bfloat16/float16, got {x.dtype}")
-    H, D = geometry.hidden_size, geometry.D
+    H, D = folded_t.shape
     if x.shape[-1] != H:
         raise ValueError(f"expected x[..., {H}], got shape {tuple(x.shape)}")
+    if folded_t.dtype != x.dtype or folded_t.stride(-1) != 1:
+        folded_t = folded_t.to(x.dtype).contiguous()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, H)
     if x2.stride(-1) != 1:
@@ -275,13 +219,7 @@ def fused_compress(
     y2 = out.view(-1, D)
 
     d_a, d_b = _d_blocks(D, split_d)
-    mt = _packed_weight(conv_weight, geometry, x.dtype, d_a + d_b)
-    if mt.device != x.device:  # pragma: no cover - weights live with the activations
-        mt = mt.to(x.device)
     g1 = g.reshape(-1)[:1]
-    if g1.device != x.device:  # pragma: no cover
-        g1 = g1.to(x.device)
-
     bt, bh, nw, ns = _default_tiles(T, H, d_a + d_b, x.dtype, x.device)
     bt = block_t or bt
     bh = block_h or bh
@@ -292,8 +230,8 @@ def fused_compress(
     precision = "ieee" if x.dtype == torch.float32 or upcast else "tf32"
     grid = (triton.cdiv(T, bt),)
     _kernel()[grid](
-        x2, mt, g1, y2,
-        T, x2.stride(0), y2.stride(0),
+        x2, folded_t, g1, y2,
+        T, x2.stride(0), folded_t.stride(0), y2.stride(0),
         float(eps), float(D) ** -0.5,
         H=H, D=D, BLOCK_T=bt, BLOCK_H=bh, D_A=d_a, D_B=d_b, PRECISION=precision, UPCAST=upcast,
         num_warps=nw, num_stages=ns,
@@ -302,31 +240,38 @@ def fused_compress(
 
 
 # --------------------------------------------------------------------------------------
-# The same as an opaque custom op, for torch.compile
+# The same as an opaque custom op, for torch.compile; the dispatch the models call
 
 
-def _op_impl(
-    x: torch.Tensor, conv_weight: torch.Tensor, g: torch.Tensor,
-    hidden_size: int, F: int, e: int, D: int, k: int, eps: float,
-) -> torch.Tensor:
-    from .config import Geometry
-
-    return fused_compress(x, conv_weight, g, Geometry(hidden_size, F, e, D, k), eps)
-
-
-def _op_fake(x, conv_weight, g, hidden_size, F, e, D, k, eps):
-    return x.new_empty(*x.shape[:-1], D)
+def _op_fake(x, folded_t, g, eps):
+    return x.new_empty(*x.shape[:-1], folded_t.shape[1])
 
 
 _HAVE_OP = False
 if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
     try:
         _op = torch.library.custom_op(
-            "convgpt::fused_compress", _op_impl, mutates_args=(),
-            schema="(Tensor x, Tensor conv_weight, Tensor g, int hidden_size, int F, int e, "
-            "int D, int k, float eps) -> Tensor",
+            "convgpt::fused_compress", lambda x, folded_t, g, eps: fused_compress(x, folded_t, g, eps),
+            mutates_args=(), schema="(Tensor x, Tensor folded_t, Tensor g, float eps) -> Tensor",
         )
         _op.register_fake(_op_fake)
         _HAVE_OP = True
     except RuntimeError:  # pragma: no cover - already registered (module re-executed)
         _HAVE_OP = hasattr(torch.ops.convgpt, "fused_compress")
+
+
+def compress(x: torch.Tensor, conv: CausalConvPool, norm: ScaleNorm) -> torch.Tensor:
+    """H-wide embeddings ``[..., H]`` to the normalised D-wide residual ``[..., D]``: one
+    fused kernel where it can run and the conv has been folded, the torch math elsewhere."""
+    if conv.folded_t is not None and fused_compress_available(x):
+        if _HAVE_OP and torch.compiler.is_compiling():
+            return torch.ops.convgpt.fused_compress(x, conv.folded_t, norm.g, float(norm.eps))
+        return fused_compress(x, conv.folded_t, norm.g, norm.eps)
+    return norm(conv(x))
+
+
+@torch.no_grad()
+def warm_up(conv: CausalConvPool, norm: ScaleNorm, dtype: torch.dtype) -> None:
+    """Run :func:`compress` once on ``dtype`` input, so the kernel compiles at load time, not
+    inside a CUDA-graph capture or a compiled region later."""
+    compress(torch.ones(1, conv.geometry.H, dtype=dtype, device=conv.weight.device), conv, norm)

@@ -19,7 +19,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .compressor import CausalConvPool, ScaleNorm, compress
+from .compressor import CausalConvPool, ScaleNorm
 from .config import DECODER_NORM_EPS, ConvGPTConfig, register_config
 
 # transformers 5.24 renamed the output field ``past_key_values`` to ``cache``.
@@ -70,7 +70,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class ConvGPTAttention(nn.Module):
     def __init__(self, config: ConvGPTConfig, layer_idx: int) -> None:
         super().__init__()
-        D, hd = config.transformer_dim, config.head_dim
+        D, hd = config.geometry.D, config.head_dim
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -114,7 +114,7 @@ class ConvGPTAttention(nn.Module):
 class ConvGPTDecoderLayer(nn.Module):
     def __init__(self, config: ConvGPTConfig, layer_idx: int) -> None:
         super().__init__()
-        D = config.transformer_dim
+        D = config.geometry.D
         self.self_attn = ConvGPTAttention(config, layer_idx)
         self.mlp = SwiGLU(D, config.intermediate_size)
         self.norm1 = RMSNorm(D, DECODER_NORM_EPS)
@@ -148,18 +148,16 @@ class ConvGPTPreTrainedModel(PreTrainedModel):
 class ConvGPTModel(ConvGPTPreTrainedModel):
     def __init__(self, config: ConvGPTConfig) -> None:
         super().__init__(config)
-        geometry = config.geometry
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        geometry, head = config.geometry, config.head
+        self.embed_tokens = nn.Embedding(config.vocab_size, geometry.H)
         self.conv = CausalConvPool(geometry)
         self.norm_emb = ScaleNorm()
         self.layers = nn.ModuleList(
             ConvGPTDecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
-        if config.tie_word_embeddings:
-            self.scale_up = SwiGLU(geometry.D, 4 * config.hidden_size, config.hidden_size)
-            self.norm = RMSNorm(config.hidden_size, DECODER_NORM_EPS)
-        else:
-            self.norm = RMSNorm(geometry.D, DECODER_NORM_EPS)
+        if head.tied:
+            self.scale_up = SwiGLU(geometry.D, head.scale_up_inner, geometry.H)
+        self.norm = RMSNorm(head.norm_width, DECODER_NORM_EPS)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -209,7 +207,7 @@ class ConvGPTModel(ConvGPTPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, cache_end, device=inputs_embeds.device)[None].expand(B, T)
 
-        h = compress(inputs_embeds, self.conv, self.norm_emb)
+        h = self.norm_emb(self.conv(inputs_embeds))  # the compressor's torch math, always
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta_value, h.dtype)
         cache = past_key_values if use_cache else None
         for layer in self.layers:
@@ -226,8 +224,8 @@ class ConvGPTForCausalLM(ConvGPTPreTrainedModel, GenerationMixin):
     def __init__(self, config: ConvGPTConfig) -> None:
         super().__init__(config)
         self.model = ConvGPTModel(config)
-        if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.transformer_dim, config.vocab_size, bias=False)
+        if not config.head.tied:
+            self.lm_head = nn.Linear(config.head.logits_width, config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

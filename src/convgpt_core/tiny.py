@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .checkpoint import WEIGHTS_NAME, expected_tensors
-from .config import ARCHITECTURE, ConvGPTConfig
+from .config import ARCHITECTURE, PUBLISHED, ConvGPTConfig
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -51,20 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         layer_types=["sliding_attention", "full_attention"],
         sliding_window=16,
     ),
-    # ConvGPT-SYNTH-250B-EC geometry: 163,952,769 parameters.
-    "published": dict(
-        vocab_size=65538,
-        hidden_size=1296,
-        conv_kernel_h_w=5,
-        num_hidden_layers=32,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        intermediate_size=3072,
-        max_position_embeddings=8192,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-    ),
+    "published": PUBLISHED,
 }
 PRESET_DTYPES = {"published": torch.bfloat16}
 

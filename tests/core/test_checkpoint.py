@@ -240,3 +240,21 @@ def test_streaming_checker_names_the_tensor_at_once():
         checker.finish()
     with pytest.raises(CheckpointError, match="model.norm.weight has dtype int8"):
         TensorChecker(config).see_tensor("model.norm.weight", torch.ones(256, dtype=torch.int8))
+
+
+def test_cli_help_and_version_import_no_torch():
+    """`convgpt --help` stays quick: the CLI imports torch only for a subcommand's work."""
+    from convgpt import __version__
+    from convgpt.cli import PRESET_NAMES
+    from convgpt_core.tiny import PRESETS
+
+    assert tuple(PRESETS) == PRESET_NAMES
+    code = ("import sys\nfrom convgpt.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    for args in (["--help"], ["serve", "--help"], ["--version"]):
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"convgpt {__version__}"
+    r = subprocess.run([sys.executable, "-m", "convgpt", "inspect", "/nonexistent"], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no config.json" in r.stderr

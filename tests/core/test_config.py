@@ -17,7 +17,7 @@ def test_geometry_derived_from_hidden_size(H, k, F, e, D):
 
 def test_stored_values_are_honoured():
     # e = 2 is not the derived value for F = 36 (3) but it divides F: honour it.
-    c = ConvGPTConfig(hidden_size=1296, emb_dim_factor=36, emb_factor=2, transformer_dim=324)
+    c = ConvGPTConfig(hidden_size=1296, emb_dim_factor=36, emb_factor=2, transformer_dim=324, conv_kernel_h_w=3)
     assert c.geometry == Geometry(1296, 36, 2, 324, 3)
 
 
@@ -91,3 +91,18 @@ def test_heads_per_tensor_parallel_rank():
     c = ConvGPTConfig(num_attention_heads=12, num_key_value_heads=4)
     with pytest.raises(ValueError, match="num_key_value_heads=4 and tensor parallel size 6"):
         heads_per_rank(c, 6)
+
+
+def test_class_defaults_are_the_published_model():
+    """One published geometry: the class defaults, the `published` preset and the spec's
+    parameter count (163,952,769 with k = 5) agree."""
+    from convgpt_core.checkpoint import parameter_count
+    from convgpt_core.config import PUBLISHED
+    from convgpt_core.tiny import PRESETS
+
+    c = ConvGPTConfig()
+    assert PRESETS["published"] is PUBLISHED
+    assert all(getattr(c, k) == v for k, v in PUBLISHED.items() if k != "rope_theta")
+    assert c.rope_theta_value == PUBLISHED["rope_theta"]
+    assert c.geometry == Geometry(1296, 36, 3, 144, 5)
+    assert parameter_count(c) == 163_952_769

@@ -32,9 +32,9 @@ finally:
     else:
         os.environ["TRITON_INTERPRET"] = _PREVIOUS
 
-from convgpt_core import compressor, kernels  # noqa: E402
-from convgpt_core.compressor import CausalConvPool, ConvCompressor, ScaleNorm, compress, fold  # noqa: E402
-from convgpt_core.config import Geometry  # noqa: E402
+from convgpt_core import kernels  # noqa: E402
+from convgpt_core.compressor import CausalConvPool, ConvCompressor, Geometry, ScaleNorm, fold  # noqa: E402
+from convgpt_core.kernels import compress  # noqa: E402
 from naive import compress_loops, scale_norm  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,8 +51,7 @@ def _interpreter_works() -> bool:
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        geom = Geometry.from_values(256, 3)
-        kernels.fused_compress(torch.ones(1, 256), torch.ones(16, 16, 1, 3), torch.ones(1), geom, 1e-5)
+        kernels.fused_compress(torch.ones(1, 256), torch.ones(256, 64), torch.ones(1), 1e-5)
         return True
     except Exception:  # e.g. "Cannot call @triton.jit'd outside of the scope of a kernel"
         return False
@@ -83,10 +82,15 @@ def _case(F: int, k: int, n: int = 33, seed: int = 0):
     return geom, x, w, g, want
 
 
+def _folded(w, geom, dtype, device="cpu"):
+    """M.T (H x D), what CausalConvPool.refresh_fold stores for the kernel."""
+    return fold(w, geom, torch.float32).T.contiguous().to(device, dtype)
+
+
 def _run(x, w, g, geom, dtype, **kw):
     """fused_compress into a NaN-filled output buffer, so unwritten elements show."""
     out = torch.full((*x.shape[:-1], geom.D), float("nan"), dtype=dtype)
-    got = kernels.fused_compress(x.to(dtype), w.to(dtype), g.to(dtype), geom, 1e-5, out=out, **kw)
+    got = kernels.fused_compress(x.to(dtype), _folded(w, geom, dtype), g.to(dtype), 1e-5, out=out, **kw)
     assert got is out and got.dtype == dtype and got.shape == (*x.shape[:-1], geom.D)
     return got
 
@@ -112,7 +116,7 @@ def test_leading_shape(interp, dtype):
     # no out buffer, and a strided (non-contiguous) view of the tokens
     strided = x[:12].reshape(2, 6, -1)[:, ::2]
     assert not strided.is_contiguous()
-    y = kernels.fused_compress(strided.to(dtype), w.to(dtype), g.to(dtype), geom, 1e-5)
+    y = kernels.fused_compress(strided.to(dtype), _folded(w, geom, dtype), g.to(dtype), 1e-5)
     torch.testing.assert_close(y.double(), want[:12].reshape(2, 6, -1)[:, ::2], rtol=tol, atol=tol)
 
 
@@ -147,22 +151,40 @@ def test_scale_norm_clamp(interp):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-12)
 
 
-def test_folded_weight_cache():
-    geom, _, w64, _, _ = _case(16, 3)
-    w = w64.float().clone()
-    m = kernels.folded_weight(w, geom, torch.float32)
-    assert m.shape == (geom.D, geom.hidden_size) and m.dtype == torch.float32
-    assert kernels.folded_weight(w, geom, torch.float32) is m
-    assert kernels.folded_weight(w.detach(), geom, torch.float32) is m  # an alias hits
-    torch.testing.assert_close(m, fold(w, geom, torch.float32))
-    assert kernels.folded_weight(w, geom, torch.bfloat16).dtype == torch.bfloat16
+def test_fold_buffer_is_rebuilt_after_loading():
+    """The conv owns M.T as a buffer: absent until refresh_fold (the torch path runs), rebuilt
+    from the current weight by the next refresh, never part of the state dict."""
+    geom, x, w64, g, want = _case(16, 3)
+    conv = CausalConvPool(geom, dtype=torch.float32)
+    assert conv.folded_t is None and "folded_t" not in conv.state_dict()
     with torch.no_grad():
-        w.mul_(2)  # in place: the version changes, the cache must not serve the old M
-    m2 = kernels.folded_weight(w, geom, torch.float32)
-    torch.testing.assert_close(m2, 2 * m)
-    # a different tensor with equal shape is never served another weight's matrix
-    other = torch.zeros_like(w)
-    assert kernels.folded_weight(other, geom, torch.float32).abs().max() == 0
+        conv.weight.copy_(w64)
+    conv.refresh_fold(torch.float32)
+    assert conv.folded_t.shape == (geom.H, geom.D) and conv.folded_t.dtype == torch.float32
+    torch.testing.assert_close(conv.folded_t, fold(w64, geom, torch.float32).T)
+    conv.refresh_fold(torch.bfloat16)
+    assert conv.folded_t.dtype == torch.bfloat16
+    with torch.no_grad():
+        conv.weight.mul_(2)
+    conv.refresh_fold(torch.float32)
+    torch.testing.assert_close(conv.folded_t, 2 * fold(w64, geom, torch.float32).T)
+    assert "folded_t" not in conv.state_dict()
+
+
+def test_after_loading_fills_the_table_and_folds():
+    from convgpt_core.compressor import after_loading, compressed_table
+
+    geom, x, w64, g, want = _case(16, 3)
+    conv, norm = CausalConvPool(geom, dtype=torch.float32), ScaleNorm(dtype=torch.float32)
+    with torch.no_grad():
+        conv.weight.copy_(w64)
+        norm.g.copy_(g)
+    emb = x.float()
+    table = torch.full((emb.shape[0], geom.D), float("nan"))
+    after_loading(conv, norm, emb, table)
+    torch.testing.assert_close(table, compressed_table(emb, conv.weight, norm.g, geom))
+    torch.testing.assert_close(table.double(), want, rtol=1e-5, atol=1e-5)
+    assert conv.folded_t is not None
 
 
 def test_available(monkeypatch):
@@ -183,6 +205,7 @@ def _recording_compressor(monkeypatch):
     with torch.no_grad():
         conv.weight.copy_(w)
         norm.g.copy_(g)
+    conv.refresh_fold(torch.float32)
     calls = []
     real = kernels.fused_compress
 
@@ -201,6 +224,9 @@ def test_compress_dispatch_interpreter(interp, monkeypatch):
     torch.testing.assert_close(got.double(), want[:5], rtol=1e-5, atol=1e-5)
     compress(x[:5].double(), conv, norm)  # float64 keeps the torch path
     assert len(calls) == 1
+    conv.folded_t = None  # not folded (not loaded through after_loading): the torch path
+    torch.testing.assert_close(compress(x[:5], conv, norm).double(), want[:5], rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
 
 
 def test_compress_dispatch_torch_without_interpreter(monkeypatch):
@@ -216,8 +242,9 @@ def test_torch_compile_fullgraph_uses_custom_op(interp):
     geom, x, w, g, want = _case(16, 3)
     comp = ConvCompressor(geom, dtype=torch.float32)
     comp.load_state_dict({"conv.weight": w.float(), "norm_emb.g": g.float()})
+    comp.conv.refresh_fold(torch.float32)
     torch._dynamo.reset()
-    fn = torch.compile(lambda t: compressor.compress(t, comp.conv, comp.norm_emb), fullgraph=True, backend="aot_eager")
+    fn = torch.compile(lambda t: compress(t, comp.conv, comp.norm_emb), fullgraph=True, backend="aot_eager")
     for n in (4, 9):
         torch.testing.assert_close(fn(x[:n].float()).double(), want[:n], rtol=1e-5, atol=1e-5)
 
@@ -267,7 +294,7 @@ def test_gpu_matches_float64_loops(gpu, F, k, T, dtype):
     geom, x, w, g, want = _case(F, k)
     dev = "cuda"
     out = torch.full((T, geom.D), float("nan"), dtype=dtype, device=dev)
-    got = kernels.fused_compress(x[:T].to(dev, dtype), w.to(dev, dtype), g.to(dev, dtype), geom, 1e-5, out=out)
+    got = kernels.fused_compress(x[:T].to(dev, dtype), _folded(w, geom, dtype, dev), g.to(dev, dtype), 1e-5, out=out)
     assert bool(torch.isfinite(got).all())
     tol = TOL[dtype]  # float32 must stay exact (input_precision="ieee", no TF32)
     torch.testing.assert_close(got.double().cpu(), want[:T], rtol=tol, atol=tol)
@@ -278,9 +305,9 @@ def test_gpu_matches_float64_loops(gpu, F, k, T, dtype):
 def test_gpu_many_tokens(gpu, T, dtype):
     geom, _, w, g, _ = _case(36, 5)
     gen = torch.Generator().manual_seed(T)
-    x = torch.randn(T, geom.hidden_size, generator=gen).to(torch.bfloat16).double()
+    x = torch.randn(T, geom.H, generator=gen).to(torch.bfloat16).double()
     want = scale_norm(compress_loops(x, w, geom.e), g)
-    got = kernels.fused_compress(x.to("cuda", dtype), w.to("cuda", dtype), g.to("cuda", dtype), geom, 1e-5)
+    got = kernels.fused_compress(x.to("cuda", dtype), _folded(w, geom, dtype, "cuda"), g.to("cuda", dtype), 1e-5)
     tol = TOL[dtype]
     torch.testing.assert_close(got.double().cpu(), want, rtol=tol, atol=tol)
 
@@ -292,8 +319,8 @@ def test_gpu_many_tokens(gpu, T, dtype):
 )
 def test_gpu_tile_options(gpu, opts):
     geom, x, w, g, want = _case(36, 5)
-    got = kernels.fused_compress(x.to("cuda", torch.bfloat16), w.to("cuda", torch.bfloat16),
-                                 g.to("cuda", torch.bfloat16), geom, 1e-5, **opts)
+    got = kernels.fused_compress(x.to("cuda", torch.bfloat16), _folded(w, geom, torch.bfloat16, "cuda"),
+                                 g.to("cuda", torch.bfloat16), 1e-5, **opts)
     torch.testing.assert_close(got.double().cpu(), want, rtol=2e-2, atol=2e-2)
 
 
@@ -301,8 +328,9 @@ def test_gpu_compress_under_torch_compile(gpu):
     geom, x, w, g, want = _case(36, 5)
     comp = ConvCompressor(geom, dtype=torch.bfloat16).cuda()
     comp.load_state_dict({"conv.weight": w.bfloat16(), "norm_emb.g": g.bfloat16()})
+    comp.conv.refresh_fold(torch.bfloat16)
     torch._dynamo.reset()
-    fn = torch.compile(lambda t: compressor.compress(t, comp.conv, comp.norm_emb), fullgraph=True)
+    fn = torch.compile(lambda t: compress(t, comp.conv, comp.norm_emb), fullgraph=True)
     for n in (4, 33):
         got = fn(x[:n].to("cuda", torch.bfloat16))
         torch.testing.assert_close(got.double().cpu(), want[:n], rtol=2e-2, atol=2e-2)

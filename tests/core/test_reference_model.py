@@ -82,6 +82,25 @@ def test_greedy_matches_naive_reference(tiny_dirs, models):
     assert out[0, len(prompt):].tolist() == want
 
 
+def test_import_registers_with_transformers(tiny_dirs, tmp_path):
+    """What README shows: `import convgpt_core`, then Auto* on a hub-style copy (auto_map to
+    remote code): it loads with no prompt and no remote code, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    from helpers import with_auto_map
+
+    path = with_auto_map(tiny_dirs["tiny"], str(tmp_path / "hub"))
+    code = ("import convgpt_core\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({path!r})\n"
+            "print(type(m).__module__, type(m).__name__)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       stdin=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["convgpt_core.modeling", "ConvGPTForCausalLM"]
+
+
 def test_auto_model_without_remote_code_ignores_auto_map(tiny_dirs, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -17,6 +17,7 @@ from helpers import (
     free_port,
     prompts,
     reference_embeddings,
+    sequence_checkpoints,
     with_auto_map,
 )
 
@@ -58,6 +59,22 @@ def test_radix_cache_with_shared_prefix(engine, tiny_dirs):
     assert all(meta["cached_tokens"] >= 64 for _, _, meta in rest), "the shared prefix was not served from cache"
     for t, (tokens, lps, _) in zip(tails, first + rest):
         assert_matches_reference(tiny_dirs["tiny"], prefix + t, tokens, lps, STEPS, label="shared prefix")
+
+
+def test_checkpoints_one_after_another_each_match_reference(tmp_path):
+    """Several different checkpoints served one after another in one process: each matches
+    the float64 reference as if it were the only one (no state carries over)."""
+    import sglang as sgl
+
+    ps = prompts(512, lengths=(7, 40, 130), seed=7)
+    for name, path in sequence_checkpoints(tmp_path).items():
+        llm = sgl.Engine(model_path=path, **ENGINE_DEFAULTS)
+        try:
+            outs = _greedy(llm, steps=16, input_ids=ps)
+        finally:
+            llm.shutdown()
+        for i, (p, (tokens, lps, _)) in enumerate(zip(ps, outs)):
+            assert_matches_reference(path, p, tokens, lps, 16, label=f"{name} prompt {i}")
 
 
 def _server_args(path, port):

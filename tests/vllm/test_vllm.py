@@ -12,6 +12,7 @@ from helpers import (
     assert_matches_reference,
     prompts,
     reference_embeddings,
+    sequence_checkpoints,
     with_auto_map,
 )
 
@@ -69,6 +70,23 @@ def test_prompt_embeds_equal_token_path(engines, tiny_dirs):
     for (a, lpa, _), (b, lpb, _) in zip(by_ids, by_embeds):
         assert a == b
         assert max(abs(x - y) for x, y in zip(lpa, lpb)) < 1e-3
+
+
+def test_checkpoints_one_after_another_each_match_reference(tmp_path):
+    """Several different checkpoints served one after another in one process: each matches
+    the float64 reference as if it were the only one (no state carries over)."""
+    from vllm import LLM
+
+    ps = prompts(512, lengths=(7, 40, 130), seed=7)
+    for name, path in sequence_checkpoints(tmp_path).items():
+        llm = LLM(model=path, dtype="float32", max_model_len=512, seed=0, enforce_eager=True)
+        try:
+            outs = _greedy(llm, [{"prompt_token_ids": p} for p in ps], steps=16)
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+        for i, (p, (tokens, lps, _)) in enumerate(zip(ps, outs)):
+            assert_matches_reference(path, p, tokens, lps, 16, label=f"{name} prompt {i}")
 
 
 def _embed_shape(model):

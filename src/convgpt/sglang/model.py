@@ -30,15 +30,17 @@ from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.model_loader.weight_utils import default_weight_loader
+from sglang.srt.utils import add_prefix
 from torch import nn
 
 from convgpt_core.checkpoint import check_served_checkpoint, load_published
-from convgpt_core.compressor import CausalConvPool, ScaleNorm, compress, compressed_table, prepare_compress
+from convgpt_core.compressor import CausalConvPool, ScaleNorm, after_loading
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
+from convgpt_core.kernels import compress, warm_up
 
 
 def _prefix(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+    return add_prefix(name, prefix)  # SGLang's helper takes (name, prefix)
 
 
 class ConvGPTMLP(nn.Module):
@@ -61,7 +63,7 @@ class ConvGPTMLP(nn.Module):
 class ConvGPTAttention(nn.Module):
     def __init__(self, config: ConvGPTConfig, layer_id: int, quant_config, prefix: str) -> None:
         super().__init__()
-        D, hd = config.transformer_dim, config.head_dim
+        D, hd = config.geometry.D, config.head_dim
         self.num_heads, self.num_kv_heads = heads_per_rank(config, get_tensor_model_parallel_world_size())
         self.head_dim = hd
         self.q_size, self.kv_size = self.num_heads * hd, self.num_kv_heads * hd
@@ -100,7 +102,7 @@ class ConvGPTAttention(nn.Module):
 class ConvGPTDecoderLayer(nn.Module):
     def __init__(self, config: ConvGPTConfig, layer_id: int, quant_config, prefix: str) -> None:
         super().__init__()
-        D = config.transformer_dim
+        D = config.geometry.D
         self.self_attn = ConvGPTAttention(config, layer_id, quant_config, _prefix(prefix, "self_attn"))
         self.mlp = ConvGPTMLP(D, config.intermediate_size, D, quant_config, _prefix(prefix, "mlp"))
         self.norm1 = RMSNorm(D, eps=DECODER_NORM_EPS)
@@ -121,9 +123,9 @@ class ConvGPTModel(nn.Module):
     def __init__(self, config: ConvGPTConfig, quant_config=None, prefix: str = "") -> None:
         super().__init__()
         self.config = config
-        geometry = config.geometry
+        geometry, head = config.geometry, config.head
         self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, geometry.hidden_size, quant_config=quant_config,
+            config.vocab_size, geometry.H, quant_config=quant_config,
             prefix=_prefix(prefix, "embed_tokens"),
         )
         # Not a checkpoint tensor: the compressor applied to every embedding row.
@@ -136,14 +138,11 @@ class ConvGPTModel(nn.Module):
             ConvGPTDecoderLayer(config, i, quant_config, _prefix(prefix, f"layers.{i}"))
             for i in range(config.num_hidden_layers)
         )
-        if config.tie_word_embeddings:
-            self.scale_up = ConvGPTMLP(
-                geometry.D, 4 * geometry.hidden_size, geometry.hidden_size, quant_config,
-                _prefix(prefix, "scale_up"),
-            )
-            self.norm = RMSNorm(geometry.hidden_size, eps=DECODER_NORM_EPS)
-        else:
-            self.norm = RMSNorm(geometry.D, eps=DECODER_NORM_EPS)
+        self.scale_up = (
+            ConvGPTMLP(geometry.D, head.scale_up_inner, geometry.H, quant_config, _prefix(prefix, "scale_up"))
+            if head.tied else None
+        )
+        self.norm = RMSNorm(head.norm_width, eps=DECODER_NORM_EPS)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
@@ -163,16 +162,15 @@ class ConvGPTModel(nn.Module):
         residual = None
         for layer in self.layers:
             h, residual = layer(positions, h, forward_batch, residual)
-        if self.config.tie_word_embeddings:
+        if self.scale_up is not None:
             return self.norm(self.scale_up(h + residual))
         h, _ = self.norm(h, residual)
         return h
 
-    @torch.no_grad()
-    def build_compressed_table(self) -> None:
-        table = compressed_table(self.embed_tokens.weight, self.conv.weight, self.norm_emb.g, self.config.geometry)
-        self.embed_compressed.weight.copy_(table.to(self.embed_compressed.weight.dtype))
-        prepare_compress(self.conv, self.norm_emb, self.embed_tokens.weight.dtype)
+    def after_loading(self) -> None:
+        """Fold the conv and fill the compressed table (vocab shard), then compile the kernel."""
+        after_loading(self.conv, self.norm_emb, self.embed_tokens.weight, self.embed_compressed.weight)
+        warm_up(self.conv, self.norm_emb, self.embed_tokens.weight.dtype)
 
 
 class ConvGPTForCausalLM(nn.Module):
@@ -186,11 +184,11 @@ class ConvGPTForCausalLM(nn.Module):
         self.config = config
         self.quant_config = quant_config
         self.model = ConvGPTModel(config, quant_config, _prefix(prefix, "model"))
-        if config.tie_word_embeddings:
+        if config.head.tied:
             self.lm_head = self.model.embed_tokens
         else:
             self.lm_head = ParallelLMHead(
-                config.vocab_size, config.transformer_dim, quant_config=quant_config,
+                config.vocab_size, config.head.logits_width, quant_config=quant_config,
                 prefix=_prefix(prefix, "lm_head"),
             )
         self.logits_processor = LogitsProcessor(config)
@@ -209,7 +207,7 @@ class ConvGPTForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the published names strictly: raises naming any missing/unexpected/misshapen tensor."""
         load_published(dict(self.named_parameters()), weights, self.config, default_weight_loader)
-        self.model.build_compressed_table()
+        self.model.after_loading()
 
 
 EntryClass = ConvGPTForCausalLM

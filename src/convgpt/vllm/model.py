@@ -37,12 +37,13 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import make_layers, maybe_prefix
+from vllm.model_executor.models.utils import extract_layer_index, make_layers, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
-from convgpt_core.checkpoint import check_served_checkpoint, load_published
-from convgpt_core.compressor import CausalConvPool, ScaleNorm, compress, compressed_table, prepare_compress
+from convgpt_core.checkpoint import FUSED_LAYERS, check_served_checkpoint, load_published
+from convgpt_core.compressor import CausalConvPool, ScaleNorm, after_loading
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
+from convgpt_core.kernels import compress, warm_up
 
 
 class ConvGPTMLP(nn.Module):
@@ -74,7 +75,7 @@ class ConvGPTAttention(nn.Module):
         prefix: str,
     ) -> None:
         super().__init__()
-        D, hd = config.transformer_dim, config.head_dim
+        D, hd = config.geometry.D, config.head_dim
         total_heads, total_kv = config.num_attention_heads, config.num_key_value_heads
         self.num_heads, self.num_kv_heads = heads_per_rank(config, get_tensor_model_parallel_world_size())
         self.head_dim = hd
@@ -114,8 +115,8 @@ class ConvGPTAttention(nn.Module):
 class ConvGPTDecoderLayer(nn.Module):
     def __init__(self, config, cache_config, quant_config, prefix: str) -> None:
         super().__init__()
-        layer_idx = int(prefix.rsplit(".", 1)[1])
-        D = config.transformer_dim
+        layer_idx = extract_layer_index(prefix)
+        D = config.geometry.D
         self.self_attn = ConvGPTAttention(config, layer_idx, cache_config, quant_config, f"{prefix}.self_attn")
         self.mlp = ConvGPTMLP(D, config.intermediate_size, D, quant_config, f"{prefix}.mlp")
         self.norm1 = RMSNorm(D, eps=DECODER_NORM_EPS)
@@ -142,9 +143,9 @@ class ConvGPTModel(nn.Module):
         quant_config = vllm_config.quant_config
         cache_config = vllm_config.cache_config
         self.config = config
-        geometry = config.geometry
+        geometry, head = config.geometry, config.head
         self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, geometry.hidden_size, quant_config=quant_config, prefix=f"{prefix}.embed_tokens"
+            config.vocab_size, geometry.H, quant_config=quant_config, prefix=f"{prefix}.embed_tokens"
         )
         # Not a checkpoint tensor: the compressor applied to every embedding row, filled
         # after loading (same vocab sharding as embed_tokens).
@@ -158,13 +159,11 @@ class ConvGPTModel(nn.Module):
             lambda prefix: ConvGPTDecoderLayer(config, cache_config, quant_config, prefix),
             prefix=f"{prefix}.layers",
         )
-        if config.tie_word_embeddings:
-            self.scale_up = ConvGPTMLP(
-                geometry.D, 4 * geometry.hidden_size, geometry.hidden_size, quant_config, f"{prefix}.scale_up"
-            )
-            self.norm = RMSNorm(geometry.hidden_size, eps=DECODER_NORM_EPS)
-        else:
-            self.norm = RMSNorm(geometry.D, eps=DECODER_NORM_EPS)
+        self.scale_up = (
+            ConvGPTMLP(geometry.D, head.scale_up_inner, geometry.H, quant_config, f"{prefix}.scale_up")
+            if head.tied else None
+        )
+        self.norm = RMSNorm(head.norm_width, eps=DECODER_NORM_EPS)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -185,26 +184,20 @@ class ConvGPTModel(nn.Module):
         residual = None
         for layer in self.layers[self.start_layer : self.end_layer]:
             h, residual = layer(positions, h, residual)
-        if self.config.tie_word_embeddings:
+        if self.scale_up is not None:
             h = self.norm(self.scale_up(h + residual))
         else:
             h, _ = self.norm(h, residual)
         return h
 
-    @torch.no_grad()
-    def build_compressed_table(self) -> None:
-        table = compressed_table(
-            self.embed_tokens.weight, self.conv.weight, self.norm_emb.g, self.config.geometry
-        )
-        self.embed_compressed.weight.copy_(table.to(self.embed_compressed.weight.dtype))
-        prepare_compress(self.conv, self.norm_emb, self.embed_tokens.weight.dtype)
+    def after_loading(self) -> None:
+        """Fold the conv and fill the compressed table (vocab shard), then compile the kernel."""
+        after_loading(self.conv, self.norm_emb, self.embed_tokens.weight, self.embed_compressed.weight)
+        warm_up(self.conv, self.norm_emb, self.embed_tokens.weight.dtype)
 
 
 class ConvGPTForCausalLM(nn.Module):
-    packed_modules_mapping = {
-        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-        "gate_up_proj": ["gate_proj", "up_proj"],
-    }
+    packed_modules_mapping = {fused: list(parts) for fused, parts in FUSED_LAYERS.items()}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
@@ -214,16 +207,12 @@ class ConvGPTForCausalLM(nn.Module):
             raise ValueError("ConvGPT does not support pipeline parallelism; use tensor parallelism")
         self.config = config
         self.model = ConvGPTModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        if config.tie_word_embeddings:
-            self.lm_head = ParallelLMHead(
-                config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
-                prefix=maybe_prefix(prefix, "lm_head"),
-            ).tie_weights(self.model.embed_tokens)
-        else:
-            self.lm_head = ParallelLMHead(
-                config.vocab_size, config.transformer_dim, quant_config=vllm_config.quant_config,
-                prefix=maybe_prefix(prefix, "lm_head"),
-            )
+        self.lm_head = ParallelLMHead(
+            config.vocab_size, config.head.logits_width, quant_config=vllm_config.quant_config,
+            prefix=maybe_prefix(prefix, "lm_head"),
+        )
+        if config.head.tied:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -246,7 +235,7 @@ class ConvGPTForCausalLM(nn.Module):
         """Load the published names strictly; returns the parameter names loaded."""
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded = load_published(params, weights, self.config, default_weight_loader)
-        self.model.build_compressed_table()
+        self.model.after_loading()
         loaded.add("model.embed_compressed.weight")
         if self.config.tie_word_embeddings:
             loaded.add("lm_head.weight")
