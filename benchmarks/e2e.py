@@ -1,15 +1,30 @@
-"""The end-to-end harness both engine benchmarks share: the two models, the measurements,
-the table, the plot and the command line.  An engine benchmark supplies only ``start(path,
-args)``, returning ``(generate, stop)``: ``generate(prompts, max_tokens)`` runs greedy requests
-(lists of token ids) to completion and ``stop()`` frees the engine.
+"""End-to-end throughput of ConvGPT (published geometry) against its uncompressed Qwen3 twin,
+on vLLM or SGLang, measured so that the ratio can be trusted.
 
-Measured for ConvGPT (published geometry) and its uncompressed Qwen3 twin, one after the other
-in one process, same settings, random weights (speed does not depend on the values):
+Both models' engines are started side by side (the GPU memory split between them) through
+the drivers of ``tests/drivers.py`` (offline engine, ``load_format="dummy"``, prefix/radix
+cache off; SGLang with flashinfer attention on CUDA), then every measurement alternates
+A/B/A/B ``--rounds`` times.  Reported per measurement: each model's median throughput and
+the median of the per-round ratios ConvGPT / twin with its min-max.
 
 * prefill: N x L-token prompts, 1 output token each -> prompt tokens / s;
 * decode at batch B: B prompts of P tokens, T output tokens; decode tok/s = B * (T - 1) /
   (time(T tokens) - time(1 token)), i.e. the prefill is subtracted;
 * the same at batch 1.
+
+``--trace`` then profiles one decode window (batch B, and batch 1) and one prefill per model
+with the engine's torch profiler and prints, per decode step: GPU-busy time, kernel count,
+attention share and the host gap between steps; per prefill: GPU time by op class
+(``benchmarks/steptrace.py`` reads the traces).
+
+Usage (a CUDA machine, the engine importable, tests/ on PYTHONPATH as nox sets it):
+    python benchmarks/e2e.py --engine vllm --out benchmarks/results/e2e_vllm_h200.json [--trace DIR]
+    python benchmarks/e2e.py --engine sglang --kv-cache-dtype fp8_e4m3 ...
+    # long context: 64 x (3840 + 256)-token sequences, decode only
+    python benchmarks/e2e.py --engine vllm --prefill-n 0 --no-batch1 --batch 64 --decode-prompt 3840 \\
+        --max-model-len 4352 --kv-cache-dtype fp8 --out ...
+    python benchmarks/e2e.py --plot-only JSON PNG
+On a machine without CUDA the engines run on the CPU: that checks the harness, not the speed.
 """
 
 from __future__ import annotations
@@ -18,26 +33,25 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-Generate = Callable[[list[list[int]], int], None]
-Start = Callable[[str, argparse.Namespace], tuple[Generate, Callable[[], None]]]
+MODELS = ("convgpt", "twin")
 
 
-def write_models(root: str) -> dict[str, str]:
-    """config.json + tokenizer for ConvGPT (published) and its twin (Qwen3 at width H)."""
+def write_models(root: str, layers: int | None = None) -> dict[str, str]:
+    """config.json + tokenizer for ConvGPT (published) and its twin (Qwen3 at width H);
+    ``layers`` overrides the depth of both (for a quick check of the harness on a CPU)."""
     from transformers import Qwen3Config
 
-    from convgpt_core.config import ARCHITECTURE, ConvGPTConfig
-    from convgpt_core.tiny import PRESETS, build_tokenizer
+    from convgpt_core.config import ARCHITECTURE, PUBLISHED, ConvGPTConfig
+    from convgpt_core.tiny import build_tokenizer
 
     tok = build_tokenizer(1024)
-    p = PRESETS["published"]
+    p = dict(PUBLISHED, num_hidden_layers=layers or PUBLISHED["num_hidden_layers"])
     conv = ConvGPTConfig(**p, architectures=[ARCHITECTURE], dtype="bfloat16", eos_token_id=0)
     twin = Qwen3Config(
         vocab_size=p["vocab_size"], hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],
@@ -62,55 +76,134 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def bench_model(start: Start, path: str, args: argparse.Namespace) -> dict:
-    import torch
+class Bench:
+    """One model's engine and its measurements (each call one timed sample)."""
 
-    t0 = time.perf_counter()
-    generate, stop = start(path, args)
-    res = {"engine_start_s": time.perf_counter() - t0}
-    gen = torch.Generator().manual_seed(0)
+    def __init__(self, path: str, args: argparse.Namespace, trace_dir: str | None) -> None:
+        import torch
 
-    def prompts(n: int, length: int) -> list[list[int]]:
-        return [torch.randint(10, 60000, (length,), generator=gen).tolist() for _ in range(n)]
+        import drivers
 
-    def timed(batch: list[list[int]], max_tokens: int) -> float:
+        t0 = time.perf_counter()
+        self.engine = drivers.start(
+            args.engine, path, drivers.Settings(
+                dtype=args.dtype, max_len=args.max_model_len, max_batch=args.batch, mem=args.gpu_mem / 2,
+                prefix_cache=False, dummy=True, kv_cache_dtype=args.kv_cache_dtype, eager=False,
+                profile_dir=trace_dir))
+        self.start_s = time.perf_counter() - t0
+        self.args = args
+        self.gen = torch.Generator().manual_seed(0)
+
+    def prompts(self, n: int, length: int) -> list[list[int]]:
+        import torch
+
+        return [torch.randint(10, 60000, (length,), generator=self.gen).tolist() for _ in range(n)]
+
+    def timed(self, batch: list[list[int]], max_tokens: int) -> float:
         _synchronize()
         t = time.perf_counter()
-        generate(batch, max_tokens)
+        self.engine.generate(batch, max_tokens)
         _synchronize()
         return time.perf_counter() - t
 
-    def median(batch: list[list[int]], max_tokens: int) -> float:
-        return sorted(timed(batch, max_tokens) for _ in range(args.repeats))[args.repeats // 2]
+    def prefill(self, batch) -> float:
+        return len(batch) * len(batch[0]) / self.timed(batch, 1)
 
-    timed(prompts(4, 64), 8)  # warm-up: every shape class once
+    def decode(self, batch) -> float:
+        tokens = self.args.decode_tokens
+        return len(batch) * (tokens - 1) / (self.timed(batch, tokens) - self.timed(batch, 1))
+
+
+def measurements(args) -> list[tuple[str, str, int, int]]:
+    """(name, kind, batch, prompt length) of the measurements this run makes."""
+    out = []
     if args.prefill_n:
-        pre = prompts(args.prefill_n, args.prefill_len)
-        res["prefill_s"] = median(pre, 1)
-        res["prefill_tok_s"] = args.prefill_n * args.prefill_len / res["prefill_s"]
-    for batch in (args.batch,) if args.no_batch1 else (args.batch, 1):
-        ps = prompts(batch, args.decode_prompt)
-        decode_s = median(ps, args.decode_tokens) - median(ps, 1)
-        res[f"decode_b{batch}_s"] = decode_s
-        res[f"decode_b{batch}_tok_s"] = batch * (args.decode_tokens - 1) / decode_s
-        res[f"decode_b{batch}_step_ms"] = 1e3 * decode_s / (args.decode_tokens - 1)
-    stop()
+        out.append((f"prefill {args.prefill_n}x{args.prefill_len}", "prefill", args.prefill_n, args.prefill_len))
+    out.append((f"decode b{args.batch}", "decode", args.batch, args.decode_prompt))
+    if not args.no_batch1:
+        out.append(("decode b1", "decode", 1, args.decode_prompt))
+    return out
+
+
+def run(args, paths: dict[str, str], trace_dir: str | None) -> dict:
+    benches = {}
+    for name in MODELS:  # side by side: both engines up before any timing
+        benches[name] = Bench(paths[name], args, os.path.join(trace_dir, name) if trace_dir else None)
+        print(f"{name}: engine up in {benches[name].start_s:.0f} s", file=sys.stderr, flush=True)
+    for b in benches.values():  # warm-up: every shape class once
+        b.timed(b.prompts(4, 64), 8)
+    result = {"engine_start_s": {n: b.start_s for n, b in benches.items()}, "measurements": {}}
+    for label, kind, batch, length in measurements(args):
+        samples = {n: [] for n in MODELS}
+        inputs = {n: b.prompts(batch, length) for n, b in benches.items()}
+        for _ in range(args.rounds):  # A/B/A/B
+            for n in MODELS:
+                samples[n].append(getattr(benches[n], kind)(inputs[n]))
+        ratios = [c / t for c, t in zip(samples["convgpt"], samples["twin"])]
+        result["measurements"][label] = {
+            "tok_s": samples, "median_tok_s": {n: statistics.median(v) for n, v in samples.items()},
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        }
+        print(label, json.dumps(result["measurements"][label]), file=sys.stderr, flush=True)
+    if trace_dir:
+        result["traces"] = traces(args, benches, trace_dir)
+    for b in benches.values():
+        b.engine.stop()
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return res
+    return result
+
+
+def traces(args, benches: dict, trace_dir: str) -> dict:
+    """Profile a decode window at batch B (and 1) and one prefill per model; step statistics."""
+    import steptrace as tr
+
+    out = {}
+    for name, b in benches.items():
+        for label, batch, tokens, length in ((f"decode_b{args.batch}", args.batch, 16, args.decode_prompt),
+                                             ("decode_b1", 1, 16, args.decode_prompt),
+                                             ("prefill", min(args.prefill_n or 32, 32), 1, args.prefill_len)):
+            if label == "decode_b1" and args.no_batch1:
+                continue
+            prompts = b.prompts(batch, length)
+            b.timed(prompts, tokens)  # same shapes once more, outside the trace
+            folder = os.path.join(trace_dir, name)
+            before = set(tr.trace_files(folder))
+            b.engine.llm.start_profile()
+            b.timed(prompts, tokens)
+            b.engine.llm.stop_profile()
+            file = tr.wait_new_trace(folder, before)
+            kernels = tr.kernels(file)
+            stats = tr.decode_steps(kernels) if label.startswith("decode") else tr.op_classes(kernels)
+            out.setdefault(name, {})[label] = dict(stats, trace=os.path.relpath(file, trace_dir))
+            print(name, label, json.dumps(stats), file=sys.stderr, flush=True)
+    return out
 
 
 def table(data: dict) -> str:
-    c, t = data["convgpt"], data["twin"]
-    b = data["args"]["batch"]
-    keys = [("prefill_tok_s", "prefill tok/s"), (f"decode_b{b}_tok_s", f"decode tok/s b={b}"),
-            ("decode_b1_tok_s", "decode tok/s b=1"), (f"decode_b{b}_step_ms", "decode step ms (big batch)"),
-            ("decode_b1_step_ms", "decode step ms b=1"), ("engine_start_s", "engine start s")]
-    lines = [f"{'metric':<28}{'ConvGPT':>14}{'twin':>14}{'ratio':>9}"]
-    for k, label in keys:
-        if k in c and k in t:
-            lines.append(f"{label:<28}{c[k]:>14.1f}{t[k]:>14.1f}{c[k] / t[k]:>9.2f}")
+    m = data["result"]["measurements"]
+    lines = [f"{'measurement':<22}{'ConvGPT tok/s':>15}{'twin tok/s':>13}{'ratio median':>14}{'min-max':>15}"]
+    for label, r in m.items():
+        c, t = r["median_tok_s"]["convgpt"], r["median_tok_s"]["twin"]
+        lines.append(f"{label:<22}{c:>15,.0f}{t:>13,.0f}{r['ratio_median']:>14.2f}"
+                     f"{r['ratio_min']:>8.2f}-{r['ratio_max']:.2f}")
+    starts = data["result"]["engine_start_s"]
+    lines.append(f"engine start s: ConvGPT {starts['convgpt']:.0f}, twin {starts['twin']:.0f}; "
+                 f"{data['args']['rounds']} interleaved rounds")
+    tr = data["result"].get("traces")
+    if tr:
+        lines.append("")
+        lines.append(f"{'trace (per decode step, medians)':<34}{'GPU-busy ms':>12}{'kernels':>9}{'attention':>11}"
+                     f"{'host gap ms':>13}")
+        for name in MODELS:
+            for label, s in tr.get(name, {}).items():
+                if label.startswith("decode"):
+                    lines.append(f"{name + ' ' + label:<34}{s['busy_ms']:>12.3f}{s['kernels']:>9.0f}"
+                                 f"{s['attention_share']:>10.0%}{s['host_gap_ms']:>13.3f}")
+        for name in MODELS:
+            s = tr.get(name, {}).get("prefill")
+            if s:
+                parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(s["ms_by_class"].items(), key=lambda kv: -kv[1]))
+                lines.append(f"{name} prefill GPU ms by op class: total {s['total_ms']:.1f}: {parts}")
     return "\n".join(lines)
 
 
@@ -121,30 +214,30 @@ def plot(json_path: str, png_path: str) -> None:
     import matplotlib.pyplot as plt
 
     data = json.load(open(json_path))
-    b = data["args"]["batch"]
-    metrics = [(k, label) for k, label in (
-        ("prefill_tok_s", f"prefill\n({data['args']['prefill_n']}x{data['args']['prefill_len']})"),
-        (f"decode_b{b}_tok_s", f"decode\nbatch {b}"), ("decode_b1_tok_s", "decode\nbatch 1"),
-    ) if k in data["convgpt"]]
+    m = data["result"]["measurements"]
+    labels = list(m)
+    med = [m[k]["ratio_median"] for k in labels]
+    lo = [m[k]["ratio_median"] - m[k]["ratio_min"] for k in labels]
+    hi = [m[k]["ratio_max"] - m[k]["ratio_median"] for k in labels]
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs = range(len(metrics))
-    ratios = [data["convgpt"][k] / data["twin"][k] for k, _ in metrics]
-    ax.bar(xs, ratios, color=["#3b7dd8" if r >= 1 else "#d8553b" for r in ratios])
+    xs = range(len(labels))
+    ax.bar(xs, med, yerr=[lo, hi], capsize=6, color=["#3b7dd8" if r >= 1 else "#d8553b" for r in med])
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks(list(xs), [m for _, m in metrics])
+    ax.set_xticks(list(xs), labels)
     ax.set_ylabel("ConvGPT / uncompressed twin (throughput)")
     meta = data["meta"]
-    ax.set_title(f"{meta.get('engine', 'vllm')} {meta.get(meta.get('engine', 'vllm'), '')}, {meta.get('gpu', '')}, "
-                 f"{data['args']['dtype']}, KV {data['args']['kv_cache_dtype']}")
-    for x, r in zip(xs, ratios):
+    ax.set_title(f"{meta['engine']} {meta['version']}, {meta['gpu']}, {data['args']['dtype']}, "
+                 f"KV {data['args']['kv_cache_dtype']}: median of {data['args']['rounds']} A/B rounds, min-max")
+    for x, r in zip(xs, med):
         ax.text(x, r, f"{r:.2f}x", ha="center", va="bottom")
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
 
 
-def parser(doc: str, default_out: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", default_out))
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", choices=["vllm", "sglang"], default="vllm")
+    ap.add_argument("--out", help="JSON to write (default benchmarks/results/e2e_ENGINE.json); a .txt table beside it")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--prefill-n", type=int, default=256)
@@ -153,30 +246,40 @@ def parser(doc: str, default_out: str) -> argparse.ArgumentParser:
     ap.add_argument("--decode-prompt", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=2048)
-    ap.add_argument("--gpu-mem", type=float, default=0.85)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--models", nargs="+", default=["convgpt", "twin"])
+    ap.add_argument("--gpu-mem", type=float, default=0.85, help="GPU memory fraction for both engines together")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved A/B rounds per measurement")
     ap.add_argument("--no-batch1", action="store_true", help="skip the batch-1 decode measurement")
+    ap.add_argument("--layers", type=int, help="override both models' depth (harness checks on a CPU)")
+    ap.add_argument("--trace", metavar="DIR", help="also profile decode steps and a prefill (traces kept in DIR)")
     ap.add_argument("--plot-only", nargs=2, metavar=("JSON", "PNG"))
     return ap
 
 
-def main(engine: str, version: str, start: Start, args: argparse.Namespace) -> None:
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     if args.plot_only:
         plot(*args.plot_only)
         return
+    import importlib
+
     import torch
 
+    version = importlib.import_module(args.engine).__version__
+    args.out = args.out or os.path.join(ROOT, "benchmarks", "results", f"e2e_{args.engine}.json")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    data = {"args": vars(args), "meta": {"engine": engine, engine: version, "torch": torch.__version__,
-                                         "gpu": gpu, "argv": sys.argv}}
+    data = {"args": vars(args), "meta": {"engine": args.engine, "version": version, args.engine: version,
+                                         "torch": torch.__version__, "gpu": gpu, "argv": sys.argv}}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_models(tmp)
-        for name in args.models:
-            data[name] = bench_model(start, paths[name], args)
-            print(name, json.dumps(data[name]), flush=True)
+        trace_dir = os.path.abspath(args.trace) if args.trace else None
+        data["result"] = run(args, write_models(tmp, args.layers), trace_dir)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(data, f, indent=2)
-    if "convgpt" in data and "twin" in data:
-        print(table(data))
+    text = table(data)
+    with open(os.path.splitext(args.out)[0] + ".txt", "w") as f:
+        f.write(f"$ {' '.join(sys.argv)}\n{data['meta']}\n\n{text}\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

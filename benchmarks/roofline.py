@@ -215,7 +215,11 @@ def main() -> None:
         run["label"] = os.path.splitext(os.path.basename(path))[0]
         runs.append(run)
     result = analyse(geometries(), runs, bandwidth)
-    measured_on = sorted({f"{r['meta']['gpu']}, vLLM {r['meta']['vllm']}, {r['args']['dtype']}" for r in runs})
+    def engine(meta: dict) -> str:  # runs before the SGLang harness carry no "engine" key: vLLM
+        name = meta.get("engine", "vllm")
+        return f"{name} {meta.get(name, '')}".strip()
+
+    measured_on = sorted({f"{r['meta']['gpu']}, {engine(r['meta'])}, {r['args']['dtype']}" for r in runs})
     result["inputs"] = {"compressor": os.path.relpath(args.compressor, ROOT),
                         "e2e": [os.path.relpath(p, ROOT) for p in args.e2e], "measured_on": "; ".join(measured_on)}
     text = report(result)

@@ -202,7 +202,8 @@ class ConvGPTForCausalLM(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config: ConvGPTConfig = vllm_config.model_config.hf_config
-        check_served_checkpoint(vllm_config.model_config.model, vllm_config.model_config.tokenizer)
+        if vllm_config.load_config.load_format != "dummy":  # dummy: random weights, no files
+            check_served_checkpoint(vllm_config.model_config.model, vllm_config.model_config.tokenizer)
         if get_pp_group().world_size > 1:
             raise ValueError("ConvGPT does not support pipeline parallelism; use tensor parallelism")
         self.config = config

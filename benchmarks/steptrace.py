@@ -1,0 +1,117 @@
+"""Read a torch-profiler chrome trace of an engine (vLLM's or SGLang's profiler) into step
+statistics: where one model step's time goes.
+
+The GPU kernels of the trace (``"cat": "kernel"`` events, CUDA-graph replays included) are
+split into steps at idle gaps longer than ``GAP_US``.  Per decode step: GPU-busy time (the
+sum of kernel durations), kernel count, the share of attention kernels, and the host gap
+before the step.  Per prefill: GPU time by op class.
+
+Usage: python benchmarks/steptrace.py TRACE.json[.gz] [--prefill]
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+GAP_US = 150.0
+ATTENTION = re.compile(r"flash|fmha|attn|attention|paged|batchdecode|batchprefill|mha|decode_kernel|prefill_kernel",
+                       re.IGNORECASE)
+CLASSES = [  # (class, pattern), first match wins
+    ("attention", ATTENTION),
+    ("gemm", re.compile(r"gemm|cutlass|nvjet|cublas|matmul|sm90_xmma|wgmma|splitk|triton_.*mm", re.IGNORECASE)),
+    ("norm", re.compile(r"rms|norm", re.IGNORECASE)),
+    ("rope", re.compile(r"rotary|rope", re.IGNORECASE)),
+    ("activation", re.compile(r"silu|act_and_mul|gelu", re.IGNORECASE)),
+    ("kv-cache write", re.compile(r"reshape_and_cache|store_kv|set_kv|kv_cache|cache_kernel", re.IGNORECASE)),
+    ("compressor/embedding", re.compile(r"compress|embedding|index_select|gather", re.IGNORECASE)),
+    ("sampling/logits", re.compile(r"softmax|argmax|topk|sampl|log_softmax", re.IGNORECASE)),
+    ("copy/elementwise", re.compile(r"elementwise|copy|cat|fill|memcpy|memset|vectorized|reduce", re.IGNORECASE)),
+]
+
+
+def trace_files(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith((".json", ".json.gz"))]
+
+
+def wait_new_trace(folder: str, before: set[str], timeout: float = 300) -> str:
+    """The trace file that appeared in ``folder`` since ``before``, once its size is stable."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        new = sorted(set(trace_files(folder)) - before, key=os.path.getmtime)
+        if new:
+            size = -1
+            while size != os.path.getsize(new[-1]):
+                size = os.path.getsize(new[-1])
+                time.sleep(2)
+            return new[-1]
+        time.sleep(1)
+    raise TimeoutError(f"no new trace in {folder} within {timeout:.0f} s")
+
+
+def kernels(path: str) -> list[tuple[float, float, str]]:
+    """(start us, duration us, name) of every GPU kernel, by start time."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        events = json.load(f)
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    out = [(float(e["ts"]), float(e.get("dur", 0.0)), e.get("name", ""))
+           for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    return sorted(out)
+
+
+def steps(ks: list[tuple[float, float, str]], gap_us: float = GAP_US) -> list[tuple[float, list]]:
+    """Kernels grouped into steps at idle gaps > ``gap_us``: [(host gap before, kernels)]."""
+    groups: list[tuple[float, list]] = []
+    end = None
+    for k in ks:
+        if end is None or k[0] - end > gap_us:
+            groups.append((0.0 if end is None else k[0] - end, []))
+        groups[-1][1].append(k)
+        end = max(end or 0.0, k[0] + k[1])
+    return groups
+
+
+def decode_steps(ks: list[tuple[float, float, str]]) -> dict:
+    """Median per-step statistics of a decode window (its first group, the prefill, and the
+    last, the final sampling, are left out)."""
+    groups = steps(ks)[1:-1] or steps(ks)
+    if not groups:  # no GPU kernels (a CPU run): nothing to say
+        return {"steps": 0, "busy_ms": 0.0, "kernels": 0, "attention_share": 0.0, "host_gap_ms": 0.0}
+    busy = [sum(k[1] for k in g) for _, g in groups]
+    attn = [sum(k[1] for k in g if ATTENTION.search(k[2])) for _, g in groups]
+    return {
+        "steps": len(groups),
+        "busy_ms": statistics.median(busy) / 1e3,
+        "kernels": statistics.median(len(g) for _, g in groups),
+        "attention_share": statistics.median([a / b if b else 0.0 for a, b in zip(attn, busy)]),
+        "host_gap_ms": statistics.median(gap for gap, _ in groups) / 1e3,
+    }
+
+
+def op_class(name: str) -> str:
+    return next((cls for cls, pattern in CLASSES if pattern.search(name)), "other")
+
+
+def op_classes(ks: list[tuple[float, float, str]]) -> dict:
+    """GPU ms by op class over the whole trace (a prefill), and the ten longest kernels."""
+    by: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for _, dur, name in ks:
+        by[op_class(name)] = by.get(op_class(name), 0.0) + dur / 1e3
+        by_name[name] = by_name.get(name, 0.0) + dur / 1e3
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:10]
+    return {"total_ms": sum(by.values()), "ms_by_class": by, "kernels": len(ks),
+            "top_kernels_ms": [[n[:120], round(v, 3)] for n, v in top]}
+
+
+if __name__ == "__main__":
+    ks = kernels(sys.argv[1])
+    print(json.dumps(op_classes(ks) if "--prefill" in sys.argv else decode_steps(ks), indent=2))
