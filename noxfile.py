@@ -21,7 +21,6 @@ import nox
 
 ROOT = Path(__file__).parent
 ENGINES = ROOT / ".nox" / "_engines"
-PARITY_DIR = ROOT / "build" / "parity"
 
 nox.options.sessions = ["lint", "core", "vllm", "sglang", "reliability", "parity"]
 nox.options.reuse_venv = "yes"
@@ -139,19 +138,19 @@ def parity_reference(session: nox.Session) -> None:
     """The parity matrix through the float64 reference: build/parity/reference.json."""
     session.install(CORE_TORCH)
     session.install("-e", ".")
-    session.run("python", f"{PARITY}/run_reference.py", env={"HF_HUB_OFFLINE": "1"})
+    session.run("python", f"{PARITY}/run_reference.py", env={"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests")})
 
 
 @nox.session(name="parity-vllm", venv_backend="none")
 def parity_vllm(session: nox.Session) -> None:
     """The parity matrix through vLLM: build/parity/vllm.json."""
-    run_in_engine(session, "vllm", f"{PARITY}/run_vllm.py")
+    run_in_engine(session, "vllm", f"{PARITY}/run_engine.py", "vllm")
 
 
 @nox.session(name="parity-sglang", venv_backend="none")
 def parity_sglang(session: nox.Session) -> None:
     """The parity matrix through SGLang: build/parity/sglang.json."""
-    run_in_engine(session, "sglang", f"{PARITY}/run_sglang.py")
+    run_in_engine(session, "sglang", f"{PARITY}/run_engine.py", "sglang")
 
 
 @nox.session(requires=["parity-reference", "parity-vllm", "parity-sglang"])
@@ -159,7 +158,7 @@ def parity(session: nox.Session) -> None:
     """Compare vLLM and SGLang with the reference and with each other; prints the table."""
     session.install(CORE_TORCH)
     session.install("-e", ".")
-    session.run("python", f"{PARITY}/compare.py", *session.posargs)
+    session.run("python", f"{PARITY}/compare.py", *session.posargs, env={"PYTHONPATH": str(ROOT / "tests")})
 
 
 @nox.session(name="bench-compressor", default=False)
@@ -180,25 +179,25 @@ def roofline(session: nox.Session) -> None:
 @nox.session(name="bench-vllm", default=False, venv_backend="none")
 def bench_vllm(session: nox.Session) -> None:
     """End-to-end vLLM throughput (CUDA): ConvGPT at the published geometry vs its uncompressed twin."""
-    run_in_engine(session, "vllm", "benchmarks/bench_e2e_vllm.py", *session.posargs)
+    run_in_engine(session, "vllm", "benchmarks/e2e.py", "--engine", "vllm", *session.posargs)
 
 
 @nox.session(name="bench-sglang", default=False, venv_backend="none")
 def bench_sglang(session: nox.Session) -> None:
     """End-to-end SGLang throughput (CUDA; on a CPU machine it only exercises the harness)."""
-    run_in_engine(session, "sglang", "benchmarks/bench_e2e_sglang.py", *session.posargs)
+    run_in_engine(session, "sglang", "benchmarks/e2e.py", "--engine", "sglang", *session.posargs)
 
 
 @nox.session(venv_backend="none", default=False)
 def demo(session: nox.Session) -> None:
     """Serve a checkpoint with `vllm serve` and ask it a completion and a chat question.
 
-    `nox -s demo` builds the default tiny checkpoint if missing; `nox -s demo -- DIR`
-    serves another checkpoint.
+    `nox -s demo` builds a tiny checkpoint trained on the package's text if missing (so the
+    answer continues that text); `nox -s demo -- DIR` serves another checkpoint.
     """
     python = engine_python(session, "vllm")
-    model = session.posargs[0] if session.posargs else str(ROOT / "build" / "tiny-model")
+    model = session.posargs[0] if session.posargs else str(ROOT / "build" / "trained-tiny")
     if not session.posargs and not (Path(model) / "config.json").exists():
-        session.run(python, "-m", "convgpt.cli", "make-tiny", model, external=True)
+        session.run(python, "-m", "convgpt", "make-tiny", model, "--train", external=True)
     session.run(python, str(ROOT / "examples" / "demo.py"), model, env=engine_env(session, "vllm", python),
                 external=True)

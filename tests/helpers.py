@@ -1,12 +1,16 @@
-"""Shared by the engine test suites: prompts and the reference's greedy run with logprobs."""
+"""Shared by the test suites: prompts, checkpoints, embeddings, ports."""
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 
 import torch
+
+# A line of the shipped text (src/convgpt_core/data/corpus.txt): its first words, and what
+# follows them; a model trained with `make-tiny --train` continues it.
+LINE_START = "The lighthouse keeper wrote in her logbook"
+LINE_NEXT = " every evening, noting the wind"
 
 
 def prompts(vocab: int, lengths=(3, 17, 60, 150), seed: int = 0) -> list[list[int]]:
@@ -15,52 +19,11 @@ def prompts(vocab: int, lengths=(3, 17, 60, 150), seed: int = 0) -> list[list[in
     return [(torch.randint(4, vocab, (n,), generator=gen)).tolist() for n in lengths]
 
 
-def _version(path: str) -> float:
-    """Part of the reference caches' keys: a folder rewritten with another checkpoint misses."""
-    return os.path.getmtime(os.path.join(path, "model.safetensors"))
-
-
-@functools.lru_cache(maxsize=8)
-def _reference_model(path: str, version: float):
-    from convgpt_core.modeling import ConvGPTForCausalLM
-
-    return ConvGPTForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
-
-
-@functools.lru_cache(maxsize=256)
-def _reference_greedy(path: str, version: float, prompt: tuple[int, ...], steps: int):
-    from transformers.cache_utils import DynamicCache
-
-    model = _reference_model(path, version)
-    cache = DynamicCache()
-    tokens, logprobs = [], []
-    step_ids = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(steps):  # raw argmax, EOS included (engines run with ignore_eos)
-            logits = model(input_ids=step_ids, past_key_values=cache, use_cache=True).logits[0, -1]
-            logprobs.append(torch.log_softmax(logits.double(), -1))
-            tokens.append(int(logits.argmax()))
-            step_ids = torch.tensor([[tokens[-1]]])
-    return tokens, logprobs
-
-
-def reference_greedy(path: str, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens of the float64 reference and the log-softmax over the vocab at each step."""
-    return _reference_greedy(path, _version(path), tuple(prompt), steps)
-
-
 def reference_embeddings(path: str, ids: list[int]) -> torch.Tensor:
     """The H-wide input embeddings of ``ids`` (what a user would hand in as prompt embeds)."""
-    return _reference_model(path, _version(path)).model.embed_tokens.weight[torch.tensor(ids)].detach().clone()
+    from judge import reference_model
 
-
-def assert_matches_reference(path, prompt, tokens, logprobs, steps, tol=1e-3, label=""):
-    """``tokens`` equal the reference's greedy tokens; chosen-token logprobs within ``tol``."""
-    want, ref_lp = reference_greedy(path, list(prompt), steps)
-    assert tokens == want, f"{label}: first divergence at step {_first_diff(tokens, want)}"
-    if logprobs is not None:
-        for step, (tok, lp) in enumerate(zip(tokens, logprobs)):
-            assert abs(lp - float(ref_lp[step][tok])) < tol, f"{label}: step {step} logprob {lp} vs {float(ref_lp[step][tok])}"
+    return reference_model(path).model.embed_tokens.weight[torch.tensor(ids)].detach().clone()
 
 
 # Checkpoints an engine loads one after another in one process (each must match the
@@ -83,10 +46,6 @@ def sequence_checkpoints(root) -> dict[str, str]:
         out[name] = os.path.join(str(root), name)
         make_checkpoint(out[name], preset="tiny", seed=50 + i, **fields)
     return out
-
-
-def _first_diff(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def free_port() -> int:

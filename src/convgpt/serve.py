@@ -29,7 +29,9 @@ import sys
 from pathlib import Path
 
 ENGINES = ("vllm", "sglang")
-GRACE_S = 30
+# SGLang's settings for a machine without CUDA (as sgl.Engine keyword arguments; the server
+# gets the same as flags).  mem_fraction_static is then a fraction of host memory.
+SGLANG_CPU = dict(device="cpu", attention_backend="torch_native", disable_cuda_graph=True, mem_fraction_static=0.1)
 
 
 def cuda_available() -> bool:
@@ -66,8 +68,7 @@ def vllm_command(model: str, args: list[str]) -> list[str]:
 def sglang_command(model: str, args: list[str], cuda: bool) -> list[str]:
     if not cuda:
         args = _with_defaults(args, [
-            ("--device", "cpu"), ("--attention-backend", "torch_native"),
-            ("--disable-cuda-graph", None), ("--mem-fraction-static", "0.05"),
+            ("--" + key.replace("_", "-"), None if value is True else str(value)) for key, value in SGLANG_CPU.items()
         ])
     return [sys.executable, "-m", "sglang.launch_server", "--model-path", model, *args]
 

@@ -193,6 +193,30 @@ def test_cli_make_tiny_and_inspect(tmp_path):
     _edit_weights(out, _drop("model.layers.0.mlp.up_proj.weight"))
     r = _cli("inspect", out)
     assert r.returncode == 1 and "model.layers.0.mlp.up_proj.weight" in r.stderr
+    # an existing checkpoint is kept unless --force; a file in the way is a one-line error
+    r = _cli("make-tiny", out)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "pass --force" in r.stderr
+    assert _cli("make-tiny", out, "--force").returncode == 0
+    assert _cli("inspect", out).returncode == 0
+    open(tmp_path / "file", "w").close()
+    r = _cli("make-tiny", str(tmp_path / "file"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "is not a folder" in r.stderr
+
+
+def test_cli_make_tiny_train_continues_the_shipped_text(tmp_path):
+    """`make-tiny --train`: the reference model then continues a line of the shipped text."""
+    from transformers import AutoTokenizer
+
+    from helpers import LINE_NEXT, LINE_START
+
+    out = str(tmp_path / "t")
+    r = _cli("make-tiny", out, "--train")
+    assert r.returncode == 0, r.stderr
+    tok = AutoTokenizer.from_pretrained(out)
+    model = ConvGPTForCausalLM.from_pretrained(out, dtype=torch.float64).eval()
+    ids = tok(LINE_START, return_tensors="pt")["input_ids"]
+    new = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
+    assert tok.decode(new).startswith(LINE_NEXT), tok.decode(new)
 
 
 def test_tokenizer_is_offline_and_has_chat_template(tiny_dirs):

@@ -1,9 +1,9 @@
 """Compare the parity results: every engine against the float64 reference, and vLLM against SGLang.
 
-A cell passes for an engine when every request's greedy tokens equal the reference's, or
-first differ at a step where the reference itself has a numerical tie (top-2 logprob
-margin < --tie), and the chosen tokens' logprobs before that step are within
---logprob-tol of the reference's.  Requests that should hit the prefix cache must have.
+A cell passes for an engine when every request passes the rule of ``tests/judge.py`` (greedy
+tokens equal the reference's, or first differ at a reference tie: top-2 logprob margin <
+--tie; chosen-token logprobs within --logprob-tol before that).  Requests that should hit
+the prefix cache must have.
 Prints a table (cell x engine) and exits non-zero on any failure.
 
 Usage: python tests/parity/compare.py [--dir build/parity] [--engines vllm sglang] [--tie 1e-3]
@@ -17,37 +17,13 @@ import json
 import sys
 from pathlib import Path
 
+import judge
 import matrix
 
 
-def first_diff(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def lp_of(top: list[list], token: int) -> float | None:
-    return next((lp for tok, lp in top if tok == token), None)
-
-
 def check_request(got: dict, ref: dict, tie: float, tol: float, expect_cache: bool) -> tuple[str, bool, float]:
-    """(label, ok, max logprob gap) for one request."""
-    d = first_diff(got["tokens"], ref["tokens"])
-    upto = len(ref["tokens"]) if d is None else d
-    gap = 0.0
-    for step in range(upto):
-        a, b = lp_of(got["top"][step], got["tokens"][step]), lp_of(ref["top"][step], got["tokens"][step])
-        if a is not None and b is not None:
-            gap = max(gap, abs(a - b))
-    ok = gap <= tol
-    if d is None:
-        label = "equal"
-    else:
-        margin = ref["top"][d][0][1] - ref["top"][d][1][1]
-        is_tie = margin < tie
-        ok = ok and is_tie
-        label = f"{'tie' if is_tie else 'DIVERGE'}@{d} (margin {margin:.1e})"
+    """(label, ok, max logprob gap) for one request: judge.check, plus the prefix-cache hit."""
+    label, ok, gap = judge.check(got, ref, tie, tol)
     if expect_cache and not (got.get("cached") or 0) >= 2 * matrix.BLOCK:
         ok, label = False, label + f" NO-CACHE-HIT ({got.get('cached')})"
     return label, ok, gap
@@ -71,11 +47,11 @@ def check_cell(got: list[dict], ref: list[dict], situation: str, tie: float, tol
 def cross(a: list[dict], b: list[dict]) -> str:
     steps, gap = [], 0.0
     for x, y in zip(a, b):
-        d = first_diff(x["tokens"], y["tokens"])
+        d = judge.first_diff(x["tokens"], y["tokens"])
         if d is not None:
             steps.append(d)
         for step in range(len(x["tokens"]) if d is None else d):
-            la, lb = lp_of(x["top"][step], x["tokens"][step]), lp_of(y["top"][step], x["tokens"][step])
+            la, lb = judge.lp_of(x["top"][step], x["tokens"][step]), judge.lp_of(y["top"][step], x["tokens"][step])
             if la is not None and lb is not None:
                 gap = max(gap, abs(la - lb))
     return ("equal" if not steps else f"differ@{min(steps)}") + f", gap {gap:.1e}"
@@ -85,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=matrix.OUT_DIR)
     ap.add_argument("--engines", nargs="+", default=["vllm", "sglang"])
-    ap.add_argument("--tie", type=float, default=1e-3)
-    ap.add_argument("--logprob-tol", type=float, default=1e-3)
+    ap.add_argument("--tie", type=float, default=judge.TIE)
+    ap.add_argument("--logprob-tol", type=float, default=judge.TOL)
     ap.add_argument("--report-only", action="store_true", help="print the table, always exit 0")
     args = ap.parse_args(argv)
 

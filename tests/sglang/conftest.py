@@ -1,32 +1,27 @@
 import gc
-import os
 
 import pytest
 
-HAS_CUDA = os.environ.get("SGLANG_USE_CPU_ENGINE") != "1"
-ENGINE_DEFAULTS = dict(dtype="float32", log_level="warning", random_seed=0, context_length=512)
-if not HAS_CUDA:
-    ENGINE_DEFAULTS.update(device="cpu", attention_backend="torch_native", disable_cuda_graph=True,
-                           mem_fraction_static=0.05)
+import drivers
 
 
 @pytest.fixture(scope="session")
-def engine(tiny_dirs):
-    """The SGLang engine for (checkpoint, options); one runs at a time, reused while unchanged."""
-    import sglang as sgl
-
+def engine(tiny_dirs, trained_dir):
+    """The SGLang engine (tests/drivers.py) for (checkpoint, settings); one runs at a time,
+    reused while unchanged."""
     current = {}
+    paths = dict(tiny_dirs, trained=trained_dir)
 
-    def get(preset: str, **opts):
-        key = (preset, tuple(sorted(opts.items())))
+    def get(preset: str, **settings):
+        key = (preset, tuple(sorted(settings.items())))
         if current.get("key") != key:
-            if current.get("engine") is not None:
-                current["engine"].shutdown()
+            if current.get("driver") is not None:
+                current["driver"].stop()
                 gc.collect()
-            current["engine"] = sgl.Engine(model_path=tiny_dirs[preset], **dict(ENGINE_DEFAULTS, **opts))
+            current["driver"] = drivers.start("sglang", paths[preset], **settings)
             current["key"] = key
-        return current["engine"]
+        return current["driver"]
 
     yield get
-    if current.get("engine") is not None:
-        current["engine"].shutdown()
+    if current.get("driver") is not None:
+        current["driver"].stop()

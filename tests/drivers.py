@@ -1,0 +1,148 @@
+"""One driver per engine: start it on a checkpoint, run greedy requests, stop it.
+
+The engine suites, the parity runner and the end-to-end benchmarks all drive the engines
+through :func:`start`; adding an engine means an adapter, a driver here and a recipe line
+in ``noxfile.py``.  Engine settings are named once, engine-neutrally (:class:`Settings`),
+and mapped to each engine's own arguments below.
+
+A request is a list of token ids or an H-wide float tensor of prompt embeddings; each
+result is a record ``{"prompt_len", "tokens", "top", "cached"}`` (``top``: per step, the
+``[token, logprob]`` pairs of the ``top`` most likely tokens, best first), the format the
+parity files store and :mod:`judge` compares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from convgpt.serve import SGLANG_CPU, cuda_available
+
+Request = list[int] | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Settings:
+    dtype: str = "float32"
+    max_len: int = 512
+    chunk: int | None = None  # prefill token budget per step (chunked prefill); None: the engine's
+    block: int | None = None  # KV block (page) size; None: the engine's
+    prefix_cache: bool = True
+    embeds: bool = False  # accept prompt embeddings (vLLM: enable them; SGLang: radix cache off)
+    eager: bool | None = None  # no torch.compile / CUDA graphs; None: eager on CPU only
+    mem: float | None = None  # GPU memory fraction; None: the driver's default
+    dummy: bool = False  # random weights (benchmarks: config.json only)
+    kv_cache_dtype: str = "auto"
+    max_batch: int | None = None
+    profile_dir: str | None = None  # torch-profiler traces of start_profile()/stop_profile() go here
+
+
+def _record(prompt: Request, tokens, top, cached) -> dict:
+    return {"prompt_len": len(prompt), "tokens": [int(t) for t in tokens], "top": top, "cached": cached}
+
+
+class VLLMDriver:
+    def __init__(self, path: str, s: Settings) -> None:
+        from vllm import LLM
+
+        cuda = cuda_available()
+        kwargs = dict(model=path, dtype=s.dtype, max_model_len=s.max_len, seed=0,
+                      enforce_eager=(not cuda) if s.eager is None else s.eager,
+                      enable_prefix_caching=s.prefix_cache and not s.embeds, enable_prompt_embeds=s.embeds,
+                      kv_cache_dtype=s.kv_cache_dtype)
+        if s.chunk:
+            kwargs.update(enable_chunked_prefill=True, max_num_batched_tokens=s.chunk)
+        if s.block:
+            kwargs["block_size"] = s.block
+        if s.max_batch:
+            kwargs["max_num_seqs"] = s.max_batch
+        if s.dummy:
+            kwargs["load_format"] = "dummy"
+        if cuda:
+            kwargs["gpu_memory_utilization"] = s.mem or 0.3
+        if s.profile_dir:
+            kwargs["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": s.profile_dir,
+                                         "torch_profiler_with_stack": False, "torch_profiler_use_gzip": False}
+        self.dtype = getattr(torch, s.dtype)
+        self.llm = LLM(**kwargs)
+
+    def generate(self, requests: list[Request], max_tokens: int, top: int = 0) -> list[dict]:
+        from vllm import SamplingParams
+
+        sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=top or None)
+        inputs = [{"prompt_embeds": r.to(self.dtype)} if isinstance(r, torch.Tensor) else {"prompt_token_ids": r}
+                  for r in requests]
+        out = []
+        for r, o in zip(requests, self.llm.generate(inputs, sp, use_tqdm=False)):
+            c = o.outputs[0]
+            steps = []
+            for step in c.logprobs or []:
+                ranked = sorted(step.items(), key=lambda kv: kv[1].rank)[:top]
+                steps.append([[int(tok), float(lp.logprob)] for tok, lp in ranked])
+            out.append(_record(r, c.token_ids, steps, o.num_cached_tokens))
+        return out
+
+    def stop(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+
+
+class SGLangDriver:
+    def __init__(self, path: str, s: Settings) -> None:
+        import os
+
+        import sglang as sgl
+
+        if s.profile_dir:  # read by the scheduler process SGLang starts
+            os.environ["SGLANG_TORCH_PROFILER_DIR"] = s.profile_dir
+        kwargs = dict(model_path=path, dtype=s.dtype, context_length=s.max_len, random_seed=0, log_level="warning",
+                      disable_radix_cache=s.embeds or not s.prefix_cache, kv_cache_dtype=s.kv_cache_dtype)
+        if s.chunk:
+            kwargs["chunked_prefill_size"] = s.chunk
+        if s.block:
+            kwargs["page_size"] = s.block
+        if s.max_batch:
+            kwargs["max_running_requests"] = s.max_batch
+        if s.dummy:
+            kwargs["load_format"] = "dummy"
+        if cuda_available():
+            # the packed SGLang 0.5.16 has no FA3 (its Hopper default): flashinfer exists everywhere
+            kwargs.update(attention_backend="flashinfer", mem_fraction_static=s.mem or 0.3)
+            if s.eager:
+                kwargs["disable_cuda_graph"] = True
+        else:
+            kwargs.update(SGLANG_CPU)
+        self.llm = sgl.Engine(**kwargs)
+
+    def generate(self, requests: list[Request], max_tokens: int, top: int = 0) -> list[dict]:
+        from sglang.srt.managers.io_struct import GenerateReqInput
+
+        params = {"temperature": 0, "max_new_tokens": max_tokens, "ignore_eos": True}
+        if isinstance(requests[0], torch.Tensor):  # Engine.generate has no input_embeds argument
+            obj = GenerateReqInput(input_embeds=[r.float().tolist() for r in requests], sampling_params=params,
+                                   return_logprob=bool(top), top_logprobs_num=top)
+            outs = self.llm.loop.run_until_complete(self.llm.tokenizer_manager.generate_request(obj, None).__anext__())
+        else:
+            outs = self.llm.generate(input_ids=requests, sampling_params=params, return_logprob=bool(top),
+                                     top_logprobs_num=top)
+        return [sglang_record(r, o, top) for r, o in zip(requests, outs)]
+
+    def stop(self) -> None:
+        self.llm.shutdown()
+        del self.llm
+
+
+def sglang_record(prompt: Request, output: dict, top: int) -> dict:
+    """A record from SGLang's answer to one request (offline, or /generate's JSON)."""
+    meta = output["meta_info"]
+    steps = [[[int(tok), float(lp)] for lp, tok, _ in step[:top]] for step in meta.get("output_top_logprobs") or []]
+    return _record(prompt, output["output_ids"], steps, meta.get("cached_tokens"))
+
+
+DRIVERS = {"vllm": VLLMDriver, "sglang": SGLangDriver}
+
+
+def start(engine: str, path: str, settings: Settings | None = None, **fields) -> VLLMDriver | SGLangDriver:
+    """The engine ``engine`` serving ``path`` offline, with ``settings`` (or its fields)."""
+    return DRIVERS[engine](path, settings or Settings(**fields))

@@ -1,0 +1,86 @@
+"""The one rule by which an engine's greedy output is judged against the float64 reference,
+and the reference's own greedy run.  The parity matrix (``parity/compare.py``) and the
+engine suites both use it.
+
+A request passes when the engine's greedy tokens equal the reference's, or first differ at
+a step where the reference itself has a numerical tie (top-2 logprob margin < ``tie``),
+and the chosen tokens' logprobs up to there are within ``tol`` of the reference's.
+Records are ``{"tokens": [...], "top": [[[token, logprob], ...] per step], ...}``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+TIE = 1e-3
+TOL = 1e-3
+
+
+def first_diff(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def lp_of(top: list[list], token: int) -> float | None:
+    return next((lp for tok, lp in top if tok == token), None)
+
+
+def check(got: dict, ref: dict, tie: float = TIE, tol: float = TOL) -> tuple[str, bool, float]:
+    """(label, ok, largest logprob gap) of one request."""
+    d = first_diff(got["tokens"], ref["tokens"])
+    upto = len(ref["tokens"]) if d is None else d
+    gap = 0.0
+    for step in range(min(upto, len(got["top"]))):
+        a, b = lp_of(got["top"][step], got["tokens"][step]), lp_of(ref["top"][step], got["tokens"][step])
+        if a is not None and b is not None:
+            gap = max(gap, abs(a - b))
+    ok = gap <= tol
+    if d is None:
+        return "equal", ok, gap
+    margin = ref["top"][d][0][1] - ref["top"][d][1][1] if d < len(ref["top"]) else 0.0
+    is_tie = margin < tie
+    return f"{'tie' if is_tie else 'DIVERGE'}@{d} (margin {margin:.1e})", ok and is_tie, gap
+
+
+@functools.lru_cache(maxsize=8)
+def _reference_model(path: str, version: float):
+    from convgpt_core.modeling import ConvGPTForCausalLM
+
+    return ConvGPTForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+
+
+def reference_model(path: str):
+    """The float64 reference for ``path`` (cached; a folder rewritten with another checkpoint
+    is loaded anew)."""
+    return _reference_model(path, os.path.getmtime(os.path.join(path, "model.safetensors")))
+
+
+@torch.no_grad()
+def reference_record(model, prompt: list[int], steps: int, top: int = 5) -> dict:
+    """The reference's greedy run (raw argmax, EOS included) as a record."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache()
+    ids = torch.tensor([prompt])
+    tokens, tops = [], []
+    for _ in range(steps):
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        lp = torch.log_softmax(logits.double(), -1)
+        best = torch.topk(lp, top)
+        tops.append([[int(i), float(v)] for i, v in zip(best.indices, best.values)])
+        tokens.append(int(best.indices[0]))
+        ids = torch.tensor([[tokens[-1]]])
+    return {"prompt_len": len(prompt), "tokens": tokens, "top": tops, "cached": None}
+
+
+def assert_matches_reference(path: str, prompts: list[list[int]], records: list[dict], steps: int, label: str = ""):
+    """Every record passes :func:`check` against the reference's run of its prompt."""
+    model = reference_model(path)
+    for i, (prompt, got) in enumerate(zip(prompts, records)):
+        verdict, ok, gap = check(got, reference_record(model, prompt, steps))
+        assert ok, f"{label} request {i}: {verdict}, logprob gap {gap:.1e}"

@@ -1,0 +1,45 @@
+"""Run the parity matrix through one engine; writes build/parity/<engine>.json.
+
+Usage: python tests/parity/run_engine.py {vllm,sglang}
+
+Each checkpoint gets one engine for every situation but `embeds` (small prefill chunks,
+small KV blocks, prefix cache on) and a second one set up for embeddings input (vLLM then
+feeds every request through the compressor; SGLang takes input_embeds only with its radix
+cache off).  Environment: CONVGPT_PARITY_DTYPE (float32), CONVGPT_PARITY_EAGER (1 on CPU).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import sys
+
+import drivers
+import matrix
+from convgpt.serve import cuda_available
+
+
+def main(engine: str) -> None:
+    dtype = os.environ.get("CONVGPT_PARITY_DTYPE", "float32")
+    eager = os.environ.get("CONVGPT_PARITY_EAGER", "0" if cuda_available() else "1") == "1"
+    meta = {"dtype": dtype, "eager": eager, engine: importlib.import_module(engine).__version__,
+            "device": "cuda" if cuda_available() else "cpu"}
+    results = {}
+    for name, path, embeds_engine, situations in matrix.engine_starts():
+        llm = drivers.start(engine, path, dtype=dtype, max_len=matrix.MAX_LEN, chunk=matrix.CHUNK,
+                            block=matrix.BLOCK, embeds=embeds_engine, eager=eager, max_batch=16)
+        for situation, waves in situations:
+            cell = []
+            for wave in waves:
+                requests = [matrix.embeddings(path, p) for p in wave] if situation == "embeds" else wave
+                cell += llm.generate(requests, matrix.STEPS, top=matrix.TOP)
+            results.setdefault(name, {})[situation] = cell
+        llm.stop()
+        gc.collect()
+        # written after every engine, so a run cut short keeps what it finished
+        matrix.write(engine, results, meta)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
