@@ -7,11 +7,29 @@ import sys
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from convgpt_core.checkpoint import parameter_count
-    from convgpt_core.tiny import make_checkpoint
+    import os
 
-    config = make_checkpoint(args.out, preset=args.preset, seed=args.seed)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise FileExistsError(f"{args.out} exists and is not a folder")
+    if os.path.isfile(os.path.join(args.out, "config.json")) and not args.force:
+        raise FileExistsError(f"{args.out} already holds a checkpoint; pass --force to overwrite it")
+    if args.train and args.preset == "published":
+        raise ValueError("--train fits the small presets only (the published geometry would take hours on a CPU)")
+    from convgpt_core.checkpoint import parameter_count
+    from convgpt_core.tiny import make_checkpoint, train_on_corpus
+
+    big = args.preset == "published"
+    if big:
+        print(f"writing the {args.preset} geometry (about 330 MB in bfloat16)...", file=sys.stderr)
+    config = make_checkpoint(args.out, preset=args.preset, seed=args.seed, progress=big)
     print(f"wrote {args.preset} checkpoint to {args.out} ({parameter_count(config):,} parameters)")
+    if args.train:
+        def log(step, steps, loss):
+            print(f"\rtraining on the shipped text: step {step}/{steps}, loss {loss:.3f}", end="",
+                  file=sys.stderr, flush=True)
+
+        loss = train_on_corpus(args.out, steps=args.steps, seed=args.seed, log=log)
+        print(f"\ntrained {args.steps} steps (final loss {loss:.3f}): it now continues lines of the shipped text")
     return 0
 
 
@@ -90,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("--preset", default="tiny", choices=PRESET_NAMES,
                       help="geometry: tiny (tied, H=256), tiny-untied, tiny-sliding, or the published model")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    tiny.add_argument("--train", action="store_true",
+                      help="fit the model to the shipped text (about a minute on a CPU), so that it continues "
+                      "its lines: a demo answer that shows the stack works")
+    tiny.add_argument("--steps", type=int, default=100, help="training steps with --train (default 100)")
+    tiny.add_argument("--force", action="store_true", help="overwrite a checkpoint already in OUT")
     tiny.set_defaults(func=_make_tiny)
     insp = sub.add_parser("inspect", help="validate a checkpoint and print its geometry")
     insp.add_argument("path", help="checkpoint folder")
@@ -109,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
         print(f"convgpt {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -89,12 +89,20 @@ def build_tokenizer(vocab_size: int):
     return fast
 
 
-def random_weights(config: ConvGPTConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Random tensors for every name of :func:`expected_tensors`, scaled for clear margins."""
+def random_weights(
+    config: ConvGPTConfig, seed: int, dtype: torch.dtype, progress: bool = False
+) -> dict[str, torch.Tensor]:
+    """Random tensors for every name of :func:`expected_tensors`, scaled for clear margins
+    (``progress``: a progress bar over the tensors, for the large presets)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     logit_spread = 4.0
-    for name, shape in expected_tensors(config).items():
+    items = expected_tensors(config).items()
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="random weights", unit="tensor", leave=False)
+    for name, shape in items:
         if name == "model.norm_emb.g":
             t = 1.0 + 0.25 * torch.rand(shape, generator=gen)
         elif len(shape) == 1:  # RMSNorm weights: near one, but not one
@@ -115,6 +123,7 @@ def make_checkpoint(
     preset: str = "tiny",
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    progress: bool = False,
     **overrides: Any,
 ) -> ConvGPTConfig:
     """Write a random-weight checkpoint of ``preset`` (fields replaced by ``overrides``)."""
@@ -147,6 +156,47 @@ def make_checkpoint(
             indent=2,
         )
     tokenizer.save_pretrained(out_dir)
-    weights = random_weights(config, seed, dtype)
+    weights = random_weights(config, seed, dtype, progress)
     save_file(weights, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt"})
     return config
+
+
+def train_on_corpus(out_dir: str, steps: int = 100, lr: float = 3e-3, seed: int = 0, log=None) -> float:
+    """Fit the checkpoint in ``out_dir`` to the shipped corpus (next-token loss over every
+    line, full batch, AdamW, float32 on the CPU) and overwrite its weights; returns the last
+    loss.  A fixed number of steps, so the result does not depend on the machine's speed.
+
+    A model trained so continues a line of the corpus from its first words, which lets an
+    end-to-end test tell a working serving stack from a broken one by reading the answer."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from .modeling import ConvGPTForCausalLM
+
+    torch.manual_seed(seed)
+    model = ConvGPTForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    rows = [tok(line)["input_ids"] + [tok.eos_token_id] for line in corpus_lines()]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if log and (step % 10 == 0 or step == steps - 1):
+            log(step + 1, steps, loss.item())
+    names = expected_tensors(model.config)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in names}
+    save_file(state, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt"})
+    return loss.item()
