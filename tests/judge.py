@@ -84,3 +84,19 @@ def assert_matches_reference(path: str, prompts: list[list[int]], records: list[
     for i, (prompt, got) in enumerate(zip(prompts, records)):
         verdict, ok, gap = check(got, reference_record(model, prompt, steps))
         assert ok, f"{label} request {i}: {verdict}, logprob gap {gap:.1e}"
+
+
+def assert_sequence_matches_reference(engine: str, root) -> None:
+    """Several different checkpoints served one after another in one process by ``engine``:
+    each must match the float64 reference as if it were the only one (no state carries over)."""
+    import drivers
+    from helpers import prompts, sequence_checkpoints
+
+    ps = prompts(512, lengths=(7, 40, 130), seed=7)
+    for name, path in sequence_checkpoints(root).items():
+        llm = drivers.start(engine, path)
+        try:
+            records = llm.generate(ps, 16, top=5)
+        finally:
+            llm.stop()
+        assert_matches_reference(path, ps, records, 16, label=name)

@@ -20,26 +20,18 @@ from helpers import (
     free_port,
     prompts,
     reference_embeddings,
-    sequence_checkpoints,
     with_auto_map,
 )
-from judge import assert_matches_reference
+from judge import assert_matches_reference, assert_sequence_matches_reference
 
 STEPS = 24
 
 
 def test_checkpoints_one_after_another_each_match_reference(tmp_path):
-    """Several different checkpoints served one after another in one process: each matches
-    the float64 reference as if it were the only one (no state carries over).  Runs before
-    the server tests: Engine.shutdown() ends every child process of the caller."""
-    ps = prompts(512, lengths=(7, 40, 130), seed=7)
-    for name, path in sequence_checkpoints(tmp_path).items():
-        llm = drivers.start("sglang", path)
-        try:
-            records = llm.generate(ps, 16, top=5)
-        finally:
-            llm.stop()
-        assert_matches_reference(path, ps, records, 16, label=name)
+    """Three different checkpoints, one after another in one process, each equal to the
+    reference (see helpers.SEQUENCE); runs before the server tests: Engine.shutdown() ends
+    every child process of the caller."""
+    assert_sequence_matches_reference("sglang", tmp_path)
 
 
 PROMPT = LINE_START

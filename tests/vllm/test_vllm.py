@@ -9,23 +9,15 @@ import sys
 import pytest
 import torch
 
-import drivers
 import servers
-from helpers import LINE_NEXT, LINE_START, prompts, sequence_checkpoints, with_auto_map
-from judge import assert_matches_reference
+from helpers import LINE_NEXT, LINE_START, with_auto_map
+from judge import assert_sequence_matches_reference
 
 
 def test_checkpoints_one_after_another_each_match_reference(tmp_path):
-    """Several different checkpoints served one after another in one process: each matches
-    the float64 reference as if it were the only one (no state carries over)."""
-    ps = prompts(512, lengths=(7, 40, 130), seed=7)
-    for name, path in sequence_checkpoints(tmp_path).items():
-        llm = drivers.start("vllm", path)
-        try:
-            records = llm.generate(ps, 16, top=5)
-        finally:
-            llm.stop()
-        assert_matches_reference(path, ps, records, 16, label=name)
+    """Three different checkpoints, one after another in one process, each equal to the
+    reference (see helpers.SEQUENCE)."""
+    assert_sequence_matches_reference("vllm", tmp_path)
 
 
 def _embed_shape(model):
