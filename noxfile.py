@@ -153,6 +153,20 @@ def parity_sglang(session: nox.Session) -> None:
     run_in_engine(session, "sglang", f"{PARITY}/run_engine.py", "sglang")
 
 
+@nox.session(name="parity-vllm-tp2", venv_backend="none", default=False, requires=["parity-reference"])
+def parity_vllm_tp2(session: nox.Session) -> None:
+    """The first two parity checkpoints through vLLM at tensor parallel size 2 (CPU: one core per
+    worker), compared with the reference: build/parity/vllm-tp2.json.  Not in the default run
+    (CI's time); SGLang 0.5.23's CPU engine cannot run TP=2 (its pynccl communicator wants CUDA)."""
+    env = {"CONVGPT_PARITY_TP": "2", "CONVGPT_PARITY_GEOMETRIES": "tied-F16-k3,untied-F36-k5-kv1",
+           "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    python = engine_python(session, "vllm")
+    session.run(python, f"{PARITY}/run_engine.py", "vllm", env=dict(engine_env(session, "vllm", python), **env),
+                external=True)
+    session.run(python, f"{PARITY}/compare.py", "--engines", "vllm-tp2", "--only-present",
+                env={"PYTHONPATH": str(ROOT / "tests")}, external=True)
+
+
 @nox.session(requires=["parity-reference", "parity-vllm", "parity-sglang"])
 def parity(session: nox.Session) -> None:
     """Compare vLLM and SGLang with the reference and with each other; prints the table."""

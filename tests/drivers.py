@@ -36,6 +36,7 @@ class Settings:
     kv_cache_dtype: str = "auto"
     max_batch: int | None = None
     profile_dir: str | None = None  # torch-profiler traces of start_profile()/stop_profile() go here
+    tp: int = 1  # tensor-parallel size
 
 
 def _record(prompt: Request, tokens, top, cached) -> dict:
@@ -59,6 +60,8 @@ class VLLMDriver:
             kwargs["max_num_seqs"] = s.max_batch
         if s.dummy:
             kwargs["load_format"] = "dummy"
+        if s.tp > 1:
+            kwargs.update(tensor_parallel_size=s.tp, distributed_executor_backend="mp")
         if cuda:
             kwargs["gpu_memory_utilization"] = s.mem or 0.3
         if s.profile_dir:
@@ -104,6 +107,8 @@ class SGLangDriver:
             kwargs["page_size"] = s.block
         if s.max_batch:
             kwargs["max_running_requests"] = s.max_batch
+        if s.tp > 1:
+            kwargs["tp_size"] = s.tp
         if s.dummy:
             kwargs["load_format"] = "dummy"
         if cuda_available():

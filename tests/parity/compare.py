@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tie", type=float, default=judge.TIE)
     ap.add_argument("--logprob-tol", type=float, default=judge.TOL)
     ap.add_argument("--report-only", action="store_true", help="print the table, always exit 0")
+    ap.add_argument("--only-present", action="store_true",
+                    help="judge only the checkpoints the engines' files hold (a run restricted to some geometries)")
     args = ap.parse_args(argv)
 
     def load(name):
@@ -78,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.engines) == 2:
         headers.append(" vs ".join(args.engines))
     rows, passed, failed = [], 0, 0
+    present = set.intersection(*(set(r["results"]) for r in runs.values()))
     for geometry, situation in matrix.cells():
+        if args.only_present and geometry not in present:
+            continue
         row = [f"{geometry} / {situation}"]
         for e in args.engines:
             got = runs[e]["results"].get(geometry, {}).get(situation)

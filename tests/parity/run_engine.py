@@ -23,12 +23,14 @@ from convgpt.serve import cuda_available
 def main(engine: str) -> None:
     dtype = os.environ.get("CONVGPT_PARITY_DTYPE", "float32")
     eager = os.environ.get("CONVGPT_PARITY_EAGER", "0" if cuda_available() else "1") == "1"
+    tp = int(os.environ.get("CONVGPT_PARITY_TP", "1"))
+    name_out = engine if tp == 1 else f"{engine}-tp{tp}"
     meta = {"dtype": dtype, "eager": eager, engine: importlib.import_module(engine).__version__,
-            "device": "cuda" if cuda_available() else "cpu"}
+            "device": "cuda" if cuda_available() else "cpu", "tp": tp}
     results = {}
     for name, path, embeds_engine, situations in matrix.engine_starts():
         llm = drivers.start(engine, path, dtype=dtype, max_len=matrix.MAX_LEN, chunk=matrix.CHUNK,
-                            block=matrix.BLOCK, embeds=embeds_engine, eager=eager, max_batch=16)
+                            block=matrix.BLOCK, embeds=embeds_engine, eager=eager, max_batch=16, tp=tp)
         for situation, waves in situations:
             cell = []
             for wave in waves:
@@ -38,7 +40,7 @@ def main(engine: str) -> None:
         llm.stop()
         gc.collect()
         # written after every engine, so a run cut short keeps what it finished
-        matrix.write(engine, results, meta)
+        matrix.write(name_out, results, meta)
 
 
 if __name__ == "__main__":
