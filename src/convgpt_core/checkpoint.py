@@ -80,6 +80,8 @@ _LOSSLESS = {
     "bfloat16": {"bfloat16", "float32", "float64"},
     "float32": {"float32", "float64"},
     "float64": {"float64"},
+    "float8_e4m3fn": {"float8_e4m3fn", "float16", "bfloat16", "float32", "float64"},
+    "float8_e5m2": {"float8_e5m2", "float16", "bfloat16", "float32", "float64"},
 }
 
 
@@ -102,11 +104,10 @@ def dtype_problem(name: str, dtype, declared: str | None) -> str | None:
     silently by every loader) and castable without loss to the ``declared`` dtype of
     config.json, when one is given."""
     have = dtype_name(dtype)
-    if have not in _LOSSLESS and not have.startswith("float8"):
+    if have not in _LOSSLESS:
         return f"{name} has dtype {have}; ConvGPT weights must be floating point"
-    want = declared
-    if want is not None and want in _LOSSLESS and want not in _LOSSLESS.get(have, ()):
-        return f"{name} has dtype {have}, which config.json's dtype {want} cannot hold without loss"
+    if declared in _LOSSLESS and declared not in _LOSSLESS[have]:
+        return f"{name} has dtype {have}, which config.json's dtype {declared} cannot hold without loss"
     return None
 
 
