@@ -99,6 +99,7 @@ PRESET_NAMES = ("tiny", "tiny-untied", "tiny-sliding", "published")
 
 def main(argv: list[str] | None = None) -> int:
     from convgpt import __version__
+    from convgpt.serve import ENGINES  # the launcher's module imports only the standard library
 
     parser = argparse.ArgumentParser(prog="convgpt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine needs (CPU or CUDA); every argument after MODEL goes to the engine unchanged. The "
         "engine's processes are stopped together when the server exits.",
     )
-    srv.add_argument("engine", choices=["vllm", "sglang"], help="which engine serves")
+    srv.add_argument("engine", choices=ENGINES, help="which engine serves")
     srv.add_argument("model", help="checkpoint folder (or a hub id the engine resolves)")
     srv.add_argument("engine_args", nargs=argparse.REMAINDER, help="passed to the engine's server")
     srv.set_defaults(func=_serve)

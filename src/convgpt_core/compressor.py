@@ -142,8 +142,13 @@ def compressed_table(
     table replace the whole compressor.  Computed in float32 chunk by chunk through the
     folded matrix, whatever the embedding's dtype.
     """
-    m = fold(conv_weight, geometry, torch.float32).to(embed_weight.device)
-    out = torch.empty(embed_weight.shape[0], geometry.D, dtype=torch.float32, device=embed_weight.device)
+    return _compress_rows(embed_weight, fold(conv_weight, geometry, torch.float32), g, chunk)
+
+
+def _compress_rows(embed_weight: torch.Tensor, m: torch.Tensor, g: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """``ScaleNorm(rows @ m.T)`` for every row of ``embed_weight``, in float32, chunk by chunk."""
+    m = m.to(embed_weight.device)
+    out = torch.empty(embed_weight.shape[0], m.shape[0], dtype=torch.float32, device=embed_weight.device)
     for start in range(0, embed_weight.shape[0], chunk):
         rows = embed_weight[start : start + chunk].to(torch.float32)
         out[start : start + chunk] = scale_norm(rows @ m.T, g)
@@ -173,9 +178,12 @@ class CausalConvPool(nn.Module):
         return conv_pool(x, self.weight, self.geometry)
 
     @torch.no_grad()
-    def refresh_fold(self, dtype: torch.dtype) -> None:
-        """(Re)build ``folded_t`` from the current weight (folded in float64, stored in ``dtype``)."""
-        self.folded_t = fold(self.weight, self.geometry, torch.float32).T.contiguous().to(dtype)
+    def refresh_fold(self, dtype: torch.dtype) -> torch.Tensor:
+        """(Re)build ``folded_t`` from the current weight (folded in float64, stored in
+        ``dtype``); returns the float32 D x H matrix it was made from."""
+        m = fold(self.weight, self.geometry, torch.float32)
+        self.folded_t = m.T.contiguous().to(dtype)
+        return m
 
     def extra_repr(self) -> str:
         g = self.geometry
@@ -199,8 +207,8 @@ def after_loading(conv: CausalConvPool, norm: ScaleNorm, embed_weight: torch.Ten
     """The one post-load step of a serving model: fold the conv for the fused kernel (in the
     embedding's dtype) and fill ``table`` (rows of ``embed_weight``, e.g. one vocab shard)
     with the compressed embeddings that token ids look up."""
-    conv.refresh_fold(embed_weight.dtype)
-    table.copy_(compressed_table(embed_weight, conv.weight, norm.g, conv.geometry).to(table.dtype))
+    m = conv.refresh_fold(embed_weight.dtype)  # folded once, for the kernel and the table
+    table.copy_(_compress_rows(embed_weight, m, norm.g).to(table.dtype))
 
 
 class ConvCompressor(nn.Module):
