@@ -165,14 +165,33 @@ class ConvGPTModel(nn.Module):
         for layer in self.layers:
             h, residual = layer(positions, h, forward_batch, residual)
         if self.scale_up is not None:
-            return self.norm(self.scale_up(h + residual))
+            return h + residual  # the tied head's scale_up runs in the logits processor, on kept rows
         h, _ = self.norm(h, residual)
         return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The tied head's widening (scale_up SwiGLU, then RMSNorm over H) of the rows the
+        logits are computed for; the identity for an untied head (its norm is in forward)."""
+        return h if self.scale_up is None else self.norm(self.scale_up(h))
 
     def after_loading(self) -> None:
         """Fold the conv and fill the compressed table (vocab shard), then compile the kernel."""
         after_loading(self.conv, self.norm_emb, self.embed_tokens.weight, self.embed_compressed.weight)
         warm_up(self.conv, self.norm_emb, self.embed_tokens.weight.dtype)
+
+
+class ConvGPTLogitsProcessor(LogitsProcessor):
+    """SGLang's logits processor, with ConvGPT's head applied to the rows it keeps: a prefill
+    without input logprobs keeps one row per request, so the tied head widens only those.
+    ``_get_logits(hidden_states, lm_head, metadata, ...)`` is where every path (sampled rows,
+    input-logprob chunks, scoring) turns rows into logits, in 0.5.16 and 0.5.23 alike."""
+
+    def __init__(self, config: ConvGPTConfig, head) -> None:
+        super().__init__(config)
+        self.head = head
+
+    def _get_logits(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return super()._get_logits(self.head(hidden_states), *args, **kwargs)
 
 
 class ConvGPTForCausalLM(nn.Module):
@@ -193,7 +212,7 @@ class ConvGPTForCausalLM(nn.Module):
                 config.vocab_size, config.head.logits_width, quant_config=quant_config,
                 prefix=_prefix(prefix, "lm_head"),
             )
-        self.logits_processor = LogitsProcessor(config)
+        self.logits_processor = ConvGPTLogitsProcessor(config, self.model.head)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
