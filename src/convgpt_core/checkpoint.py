@@ -338,6 +338,7 @@ def load_published(
     weights: Iterable[tuple[str, object]],
     config: ConvGPTConfig,
     default_loader,
+    elsewhere=None,
 ) -> set[str]:
     """Stream checkpoint tensors into engine parameters, strictly.
 
@@ -345,13 +346,16 @@ def load_published(
     :func:`stacked_param`); each parameter's own ``weight_loader`` is used when it has one
     (tensor-parallel sharding), else ``default_loader(param, tensor)``.  Raises
     :class:`CheckpointError` for any missing, unexpected or misshapen tensor.  Returns the
-    engine parameter names loaded.
+    engine parameter names loaded.  ``elsewhere(param_name)`` says which parameters live on
+    another pipeline stage: their tensors are checked like every other, but not loaded here.
     """
     checker = TensorChecker(config, source="ConvGPT checkpoint")
     loaded: set[str] = set()
     for name, tensor in weights:
         checker.see_tensor(name, tensor)
         target, shard = stacked_param(name)
+        if elsewhere is not None and elsewhere(target):
+            continue
         param = params.get(target)
         if param is None:
             raise CheckpointError(

@@ -37,7 +37,15 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.utils import extract_layer_index, make_layers, maybe_prefix
+from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsPP
+from vllm.model_executor.models.utils import (
+    PPMissingLayer,
+    extract_layer_index,
+    is_pp_missing_parameter,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
 from vllm.sequence import IntermediateTensors
 
 from convgpt_core.checkpoint import FUSED_LAYERS, check_served_checkpoint, load_published
@@ -144,26 +152,42 @@ class ConvGPTModel(nn.Module):
         cache_config = vllm_config.cache_config
         self.config = config
         geometry, head = config.geometry, config.head
-        self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, geometry.H, quant_config=quant_config, prefix=f"{prefix}.embed_tokens"
-        )
-        # Not a checkpoint tensor: the compressor applied to every embedding row, filled
-        # after loading (same vocab sharding as embed_tokens).
-        self.embed_compressed = VocabParallelEmbedding(
-            config.vocab_size, geometry.D, prefix=f"{prefix}.embed_compressed"
-        )
-        self.conv = CausalConvPool(geometry)
-        self.norm_emb = ScaleNorm()
+        pp = get_pp_group()
+        # Pipeline stages: the first holds the input side (embedding, compressed table,
+        # compressor), the last the head (scale_up, final norm, and the embedding again
+        # when the lm_head is tied to it); each holds its range of decoder layers.
+        if pp.is_first_rank or (head.tied and pp.is_last_rank):
+            self.embed_tokens = VocabParallelEmbedding(
+                config.vocab_size, geometry.H, quant_config=quant_config, prefix=f"{prefix}.embed_tokens"
+            )
+        else:
+            self.embed_tokens = PPMissingLayer()
+        if pp.is_first_rank:
+            # Not a checkpoint tensor: the compressor applied to every embedding row, filled
+            # after loading (same vocab sharding as embed_tokens).
+            self.embed_compressed = VocabParallelEmbedding(
+                config.vocab_size, geometry.D, prefix=f"{prefix}.embed_compressed"
+            )
+            self.conv = CausalConvPool(geometry)
+            self.norm_emb = ScaleNorm()
+        else:
+            self.embed_compressed, self.conv, self.norm_emb = PPMissingLayer(), PPMissingLayer(), PPMissingLayer()
         self.start_layer, self.end_layer, self.layers = make_layers(
             config.num_hidden_layers,
             lambda prefix: ConvGPTDecoderLayer(config, cache_config, quant_config, prefix),
             prefix=f"{prefix}.layers",
         )
-        self.scale_up = (
-            ConvGPTMLP(geometry.D, head.scale_up_inner, geometry.H, quant_config, f"{prefix}.scale_up")
-            if head.tied else None
+        if pp.is_last_rank:
+            self.scale_up = (
+                ConvGPTMLP(geometry.D, head.scale_up_inner, geometry.H, quant_config, f"{prefix}.scale_up")
+                if head.tied else None
+            )
+            self.norm = RMSNorm(head.norm_width, eps=DECODER_NORM_EPS)
+        else:
+            self.scale_up, self.norm = PPMissingLayer(), PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], geometry.D
         )
-        self.norm = RMSNorm(head.norm_width, eps=DECODER_NORM_EPS)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -174,29 +198,39 @@ class ConvGPTModel(nn.Module):
         positions: torch.Tensor,
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if inputs_embeds is not None:
-            h = compress(inputs_embeds, self.conv, self.norm_emb)
+    ) -> torch.Tensor | IntermediateTensors:
+        if not get_pp_group().is_first_rank:
+            h, residual = intermediate_tensors["hidden_states"], intermediate_tensors["residual"]
+        elif inputs_embeds is not None:
+            h, residual = compress(inputs_embeds, self.conv, self.norm_emb), None
         else:
             # Requests are checked before they get here; the clamp keeps any id that slips
             # through (offline use, a future route) from indexing outside the table.
-            h = self.embed_compressed(input_ids.clamp(0, self.config.vocab_size - 1))
-        residual = None
+            h, residual = self.embed_compressed(input_ids.clamp(0, self.config.vocab_size - 1)), None
         for layer in self.layers[self.start_layer : self.end_layer]:
             h, residual = layer(positions, h, residual)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": h, "residual": residual})
         if self.scale_up is not None:
-            h = self.norm(self.scale_up(h + residual))
-        else:
-            h, _ = self.norm(h, residual)
+            return h + residual  # the tied head's scale_up runs in compute_logits, on sampled rows only
+        h, _ = self.norm(h, residual)
         return h
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The tied head's widening (scale_up SwiGLU, then RMSNorm over H) of the rows that
+        are sampled; the identity for an untied head (its norm is in forward)."""
+        return h if self.scale_up is None else self.norm(self.scale_up(h))
+
     def after_loading(self) -> None:
-        """Fold the conv and fill the compressed table (vocab shard), then compile the kernel."""
+        """Fold the conv and fill the compressed table (vocab shard), then compile the kernel
+        (the first pipeline stage's input side; nothing on the others)."""
+        if not get_pp_group().is_first_rank:
+            return
         after_loading(self.conv, self.norm_emb, self.embed_tokens.weight, self.embed_compressed.weight)
         warm_up(self.conv, self.norm_emb, self.embed_tokens.weight.dtype)
 
 
-class ConvGPTForCausalLM(nn.Module):
+class ConvGPTForCausalLM(nn.Module, SupportsLoRA, SupportsPP):
     packed_modules_mapping = {fused: list(parts) for fused, parts in FUSED_LAYERS.items()}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
@@ -204,17 +238,19 @@ class ConvGPTForCausalLM(nn.Module):
         config: ConvGPTConfig = vllm_config.model_config.hf_config
         if vllm_config.load_config.load_format != "dummy":  # dummy: random weights, no files
             check_served_checkpoint(vllm_config.model_config.model, vllm_config.model_config.tokenizer)
-        if get_pp_group().world_size > 1:
-            raise ValueError("ConvGPT does not support pipeline parallelism; use tensor parallelism")
         self.config = config
         self.model = ConvGPTModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self.lm_head = ParallelLMHead(
-            config.vocab_size, config.head.logits_width, quant_config=vllm_config.quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        if config.head.tied:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size, config.head.logits_width, quant_config=vllm_config.quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if config.head.tied:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
@@ -226,18 +262,23 @@ class ConvGPTForCausalLM(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | IntermediateTensors:
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        # vLLM hands over only the rows it samples from (the last token of each prefill,
+        # every decode token), so a long prefill widens one row per request, not all of them.
+        return self.logits_processor(self.lm_head, self.model.head(hidden_states))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load the published names strictly; returns the parameter names loaded."""
+        """Load the published names strictly (the whole checkpoint is checked; a pipeline
+        stage keeps the tensors of its own modules); returns the parameter names loaded."""
         params = dict(self.named_parameters(remove_duplicate=False))
-        loaded = load_published(params, weights, self.config, default_weight_loader)
+        loaded = load_published(params, weights, self.config, default_weight_loader,
+                                elsewhere=lambda name: is_pp_missing_parameter(name, self))
         self.model.after_loading()
-        loaded.add("model.embed_compressed.weight")
-        if self.config.tie_word_embeddings:
+        if get_pp_group().is_first_rank:
+            loaded.add("model.embed_compressed.weight")
+        if self.config.tie_word_embeddings and get_pp_group().is_last_rank:
             loaded.add("lm_head.weight")
         return loaded
