@@ -12,14 +12,19 @@ the median of the per-round ratios ConvGPT / twin with its min-max.
   (time(T tokens) - time(1 token)), i.e. the prefill is subtracted;
 * the same at batch 1.
 
-``--trace`` then profiles one decode window (batch B, and batch 1) and one prefill per model
-with the engine's torch profiler and prints, per decode step: GPU-busy time, kernel count,
-attention share and the host gap between steps; per prefill: GPU time by op class
-(``benchmarks/steptrace.py`` reads the traces).
+``--trace DIR`` then starts each model alone with CUDA graphs off (the engines' profilers
+miss the kernels inside a graph replay; graphs off launches the same compiled kernels one by
+one), profiles one decode window (batch B, and batch 1) and one prefill with the engine's
+torch profiler and prints, per decode step: GPU-busy time, kernel count, attention share,
+GPU time per op class beside the twin's, and the timed rounds' wall time per step minus the
+GPU-busy time (host and launch time the GPU waits for); per prefill: GPU time by op class
+(``benchmarks/steptrace.py`` reads the traces).  ``--rounds 0 --trace DIR --out JSON`` adds
+traces to an earlier run's JSON.
 
 Usage (a CUDA machine, the engine importable, tests/ on PYTHONPATH as nox sets it):
     python benchmarks/e2e.py --engine vllm --out benchmarks/results/e2e_vllm_h200.json [--trace DIR]
     python benchmarks/e2e.py --engine sglang --kv-cache-dtype fp8_e4m3 ...
+    python benchmarks/e2e.py --engine vllm --quantization fp8 ...   # fp8 weights, both models
     # long context: 64 x (3840 + 256)-token sequences, decode only
     python benchmarks/e2e.py --engine vllm --prefill-n 0 --no-batch1 --batch 64 --decode-prompt 3840 \\
         --max-model-len 4352 --kv-cache-dtype fp8 --out ...
@@ -40,7 +45,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("convgpt", "twin")
-MIN_STEP_KERNELS = 32  # fewer kernels per decode step than layers: the trace missed the step's kernels
 
 
 def write_models(root: str, layers: int | None = None) -> dict[str, str]:
@@ -80,17 +84,13 @@ def _synchronize() -> None:
 class Bench:
     """One model's engine and its measurements (each call one timed sample)."""
 
-    def __init__(self, path: str, args: argparse.Namespace, trace_dir: str | None) -> None:
+    def __init__(self, path: str, args: argparse.Namespace, **settings) -> None:
         import torch
 
         import drivers
 
         t0 = time.perf_counter()
-        self.engine = drivers.start(
-            args.engine, path, drivers.Settings(
-                dtype=args.dtype, max_len=args.max_model_len, max_batch=args.batch, mem=args.gpu_mem / 2,
-                prefix_cache=False, dummy=True, kv_cache_dtype=args.kv_cache_dtype, eager=False,
-                profile_dir=trace_dir))
+        self.engine = drivers.start(args.engine, path, engine_settings(args, **settings))
         self.start_s = time.perf_counter() - t0
         self.args = args
         self.gen = torch.Generator().manual_seed(0)
@@ -115,6 +115,16 @@ class Bench:
         return len(batch) * (tokens - 1) / (self.timed(batch, tokens) - self.timed(batch, 1))
 
 
+def engine_settings(args, **over):
+    """The engine settings of every model of a run (both models get the same)."""
+    import drivers
+
+    return drivers.Settings(**dict(
+        dtype=args.dtype, max_len=args.max_model_len, max_batch=args.batch, mem=args.gpu_mem / 2,
+        prefix_cache=False, dummy=True, kv_cache_dtype=args.kv_cache_dtype, eager=False,
+        quantization=args.quantization, chunk=args.chunk, **over))
+
+
 def measurements(args) -> list[tuple[str, str, int, int]]:
     """(name, kind, batch, prompt length) of the measurements this run makes."""
     out = []
@@ -126,10 +136,10 @@ def measurements(args) -> list[tuple[str, str, int, int]]:
     return out
 
 
-def run(args, paths: dict[str, str], trace_dir: str | None) -> dict:
+def run(args, paths: dict[str, str]) -> dict:
     benches = {}
     for name in MODELS:  # side by side: both engines up before any timing
-        benches[name] = Bench(paths[name], args, os.path.join(trace_dir, name) if trace_dir else None)
+        benches[name] = Bench(paths[name], args)
         print(f"{name}: engine up in {benches[name].start_s:.0f} s", file=sys.stderr, flush=True)
     for b in benches.values():  # warm-up: every shape class once
         b.timed(b.prompts(4, 64), 8)
@@ -146,20 +156,23 @@ def run(args, paths: dict[str, str], trace_dir: str | None) -> dict:
             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
         }
         print(label, json.dumps(result["measurements"][label]), file=sys.stderr, flush=True)
-    if trace_dir:
-        result["traces"] = traces(args, benches, trace_dir)
     for b in benches.values():
         b.engine.stop()
     gc.collect()
     return result
 
 
-def traces(args, benches: dict, trace_dir: str) -> dict:
-    """Profile a decode window at batch B (and 1) and one prefill per model; step statistics."""
+def traces(args, paths: dict[str, str], trace_dir: str) -> dict:
+    """Profile a decode window at batch B (and 1) and one prefill per model, one model at a
+    time, on an engine with CUDA graphs off (the same kernels, launched one by one: the
+    engines' profilers do not see the kernels inside a graph replay); step statistics."""
     import steptrace as tr
 
     out = {}
-    for name, b in benches.items():
+    for name in MODELS:
+        folder = os.path.join(trace_dir, name)
+        b = Bench(paths[name], args, graphs=False, profile_dir=folder)
+        b.timed(b.prompts(4, 64), 8)
         for label, batch, tokens, length in ((f"decode_b{args.batch}", args.batch, 16, args.decode_prompt),
                                              ("decode_b1", 1, 16, args.decode_prompt),
                                              ("prefill", min(args.prefill_n or 32, 32), 1, args.prefill_len)):
@@ -167,7 +180,6 @@ def traces(args, benches: dict, trace_dir: str) -> dict:
                 continue
             prompts = b.prompts(batch, length)
             b.timed(prompts, tokens)  # same shapes once more, outside the trace
-            folder = os.path.join(trace_dir, name)
             before = set(tr.trace_files(folder))
             b.engine.llm.start_profile()
             b.timed(prompts, tokens)
@@ -176,8 +188,18 @@ def traces(args, benches: dict, trace_dir: str) -> dict:
             kernels = tr.kernels(file)
             stats = tr.decode_steps(kernels) if label.startswith("decode") else tr.op_classes(kernels)
             out.setdefault(name, {})[label] = dict(stats, trace=os.path.relpath(file, trace_dir))
-            print(name, label, json.dumps(stats), file=sys.stderr, flush=True)
+            print(name, label, json.dumps({k: v for k, v in stats.items() if k != "ms_by_class"}),
+                  file=sys.stderr, flush=True)
+        b.engine.stop()
+        del b
+        gc.collect()
     return out
+
+
+def wall_step_ms(result: dict, batch: int) -> dict[str, float]:
+    """Each model's wall time per decode step at ``batch`` from the timed (CUDA-graph) rounds."""
+    m = result.get("measurements", {}).get(f"decode b{batch}")
+    return {n: batch / m["median_tok_s"][n] * 1e3 for n in MODELS} if m else {}
 
 
 def table(data: dict) -> str:
@@ -193,18 +215,28 @@ def table(data: dict) -> str:
     tr = data["result"].get("traces")
     if tr:
         lines.append("")
-        lines.append(f"{'trace (per decode step, medians)':<34}{'GPU-busy ms':>12}{'kernels':>9}{'attention':>11}"
-                     f"{'host gap ms':>13}")
-        for name in MODELS:
-            for label, s in tr.get(name, {}).items():
-                if not label.startswith("decode"):
+        lines.append("per decode step (kernels from a trace with CUDA graphs off; wall from the timed rounds)")
+        lines.append(f"{'model, step':<24}{'GPU-busy ms':>12}{'kernels':>9}{'attention':>11}{'wall ms':>9}"
+                     f"{'wall - busy':>13}")
+        for label in [k for k in tr.get("convgpt", {}) if k.startswith("decode")]:
+            batch = int(label.split("_b")[1])
+            walls = wall_step_ms(data["result"], batch)
+            for name in MODELS:
+                s = tr.get(name, {}).get(label)
+                if not s:
                     continue
-                if s["kernels"] < MIN_STEP_KERNELS:  # a decode step of 32+ layers launches hundreds
-                    lines.append(f"{name + ' ' + label:<34}  not captured: {s['kernels']:.0f} kernels/step in the "
-                                 "engine profiler's trace (CUDA-graph replays are missing from it)")
-                    continue
-                lines.append(f"{name + ' ' + label:<34}{s['busy_ms']:>12.3f}{s['kernels']:>9.0f}"
-                             f"{s['attention_share']:>10.0%}{s['host_gap_ms']:>13.3f}")
+                wall = walls.get(name)
+                tail = f"{wall:>9.3f}{wall - s['busy_ms']:>13.3f}" if wall else f"{'-':>9}{'-':>13}"
+                lines.append(f"{name + ' ' + label:<24}{s['busy_ms']:>12.3f}{s['kernels']:>9.0f}"
+                             f"{s['attention_share']:>10.0%}{tail}")
+            c, t = tr.get("convgpt", {}).get(label), tr.get("twin", {}).get(label)
+            if c and t and t["busy_ms"]:
+                lines.append(f"  ConvGPT / twin GPU-busy per step: {c['busy_ms'] / t['busy_ms']:.2f}x; "
+                             "per op class, us per step (ConvGPT vs twin):")
+                for cls in sorted(set(c["us_by_class"]) | set(t["us_by_class"]),
+                                  key=lambda k: -t["us_by_class"].get(k, 0.0)):
+                    a, b = c["us_by_class"].get(cls, 0.0), t["us_by_class"].get(cls, 0.0)
+                    lines.append(f"    {cls:<22}{a:>9.1f}{b:>9.1f}{'  <- slower' if a > 1.05 * b + 1 else ''}")
         for name in MODELS:
             s = tr.get(name, {}).get("prefill")
             if s:
@@ -246,6 +278,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="JSON to write (default benchmarks/results/e2e_ENGINE.json); a .txt table beside it")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--quantization", help="weight quantization of both models, e.g. fp8")
+    ap.add_argument("--chunk", type=int, help="prefill token budget per engine step (both models)")
     ap.add_argument("--prefill-n", type=int, default=256)
     ap.add_argument("--prefill-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=256)
@@ -253,10 +287,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode-tokens", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--gpu-mem", type=float, default=0.85, help="GPU memory fraction for both engines together")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved A/B rounds per measurement")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="interleaved A/B rounds per measurement; 0 with --trace: add traces to the --out file")
     ap.add_argument("--no-batch1", action="store_true", help="skip the batch-1 decode measurement")
     ap.add_argument("--layers", type=int, help="override both models' depth (harness checks on a CPU)")
-    ap.add_argument("--trace", metavar="DIR", help="also profile decode steps and a prefill (traces kept in DIR)")
+    ap.add_argument("--trace", metavar="DIR",
+                    help="then profile decode steps and a prefill of each model (traces kept in DIR)")
     ap.add_argument("--plot-only", nargs=2, metavar=("JSON", "PNG"))
     ap.add_argument("--table-only", metavar="JSON", help="print the table of an earlier result")
     return ap
@@ -280,8 +316,14 @@ def main(argv: list[str] | None = None) -> None:
     data = {"args": vars(args), "meta": {"engine": args.engine, "version": version, args.engine: version,
                                          "torch": torch.__version__, "gpu": gpu, "argv": sys.argv}}
     with tempfile.TemporaryDirectory() as tmp:
-        trace_dir = os.path.abspath(args.trace) if args.trace else None
-        data["result"] = run(args, write_models(tmp, args.layers), trace_dir)
+        paths = write_models(tmp, args.layers)
+        if args.rounds:
+            data["result"] = run(args, paths)
+        else:  # traces for an earlier run's measurements
+            data = json.load(open(args.out))
+            data["meta"]["trace_argv"] = sys.argv
+        if args.trace:
+            data["result"]["traces"] = traces(args, paths, os.path.abspath(args.trace))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(data, f, indent=2)

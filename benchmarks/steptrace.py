@@ -1,7 +1,8 @@
 """Read a torch-profiler chrome trace of an engine (vLLM's or SGLang's profiler) into step
 statistics: where one model step's time goes.
 
-The GPU kernels of the trace (``"cat": "kernel"`` events, CUDA-graph replays included) are
+The GPU kernels of the trace (``"cat": "kernel"`` events; kernels inside CUDA-graph replays
+are missing from the engines' profiler traces, so step traces come from engines with graphs off) are
 split into steps at idle gaps longer than ``GAP_US``.  Per decode step: GPU-busy time (the
 sum of kernel durations), kernel count, the share of attention kernels, and the host gap
 before the step.  Per prefill: GPU time by op class.
@@ -82,17 +83,30 @@ def steps(ks: list[tuple[float, float, str]], gap_us: float = GAP_US) -> list[tu
 def decode_steps(ks: list[tuple[float, float, str]]) -> dict:
     """Median per-step statistics of a decode window (its first group, the prefill, and the
     last, the final sampling, are left out)."""
-    groups = steps(ks)[1:-1] or steps(ks)
+    return decode_stats(steps(ks)[1:-1] or steps(ks))
+
+
+def decode_stats(groups: list[tuple[float, list]]) -> dict:
+    """Median per-step statistics of steps given as [(host gap before, kernels)]."""
     if not groups:  # no GPU kernels (a CPU run): nothing to say
-        return {"steps": 0, "busy_ms": 0.0, "kernels": 0, "attention_share": 0.0, "host_gap_ms": 0.0}
+        return {"steps": 0, "busy_ms": 0.0, "kernels": 0, "attention_share": 0.0, "host_gap_ms": 0.0,
+                "us_by_class": {}, "top_kernels_us": []}
     busy = [sum(k[1] for k in g) for _, g in groups]
     attn = [sum(k[1] for k in g if ATTENTION.search(k[2])) for _, g in groups]
+    by_class: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for _, g in groups:
+        for _, dur, name in g:
+            by_class[op_class(name)] = by_class.get(op_class(name), 0.0) + dur / len(groups)
+            by_name[name] = by_name.get(name, 0.0) + dur / len(groups)
     return {
         "steps": len(groups),
         "busy_ms": statistics.median(busy) / 1e3,
         "kernels": statistics.median(len(g) for _, g in groups),
         "attention_share": statistics.median([a / b if b else 0.0 for a, b in zip(attn, busy)]),
         "host_gap_ms": statistics.median(gap for gap, _ in groups) / 1e3,
+        "us_by_class": by_class,  # mean GPU microseconds per step of each op class
+        "top_kernels_us": [[n[:120], round(v, 2)] for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]],
     }
 
 
@@ -112,6 +126,40 @@ def op_classes(ks: list[tuple[float, float, str]]) -> dict:
             "top_kernels_ms": [[n[:120], round(v, 3)] for n, v in top]}
 
 
+def update(result_json: str, trace_dir: str) -> None:
+    """Recompute the decode-step statistics of an e2e result from its traces (annotated steps)."""
+    data = json.load(open(result_json))
+    for labels in data["result"].get("traces", {}).values():
+        for label, stats in labels.items():
+            if label.startswith("decode"):
+                new = annotated_decode_steps(os.path.join(trace_dir, stats["trace"]))
+                if new:
+                    labels[label] = dict(new, trace=stats["trace"])
+    json.dump(data, open(result_json, "w"), indent=2)
+
+
+def annotated_decode_steps(path: str) -> dict | None:
+    """Decode-step statistics from the engine's per-step GPU annotations (vLLM marks each step
+    ``execute_context_<n>(<tokens>)_generation_<m>(<m>)``; decode-only steps have n = 0): each
+    step is the kernels inside its annotation.  None when the trace has no such annotations."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        events = json.load(f)
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
+                   if e.get("cat") == "gpu_user_annotation" and re.match(r"execute_context_0\(0\)_generation_[1-9]",
+                                                                        e.get("name", "")))
+    if not spans:
+        return None
+    ks = sorted((float(e["ts"]), float(e.get("dur", 0.0)), e.get("name", ""))
+                for e in events if e.get("cat") == "kernel" and e.get("ph") == "X")
+    groups = [(0.0, [k for k in ks if lo <= k[0] < hi]) for lo, hi in spans]
+    return decode_stats([g for g in groups if g[1]])
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--update":
+        update(sys.argv[2], sys.argv[3])
+        sys.exit()
     ks = kernels(sys.argv[1])
     print(json.dumps(op_classes(ks) if "--prefill" in sys.argv else decode_steps(ks), indent=2))

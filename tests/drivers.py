@@ -31,12 +31,16 @@ class Settings:
     prefix_cache: bool = True
     embeds: bool = False  # accept prompt embeddings (vLLM: enable them; SGLang: radix cache off)
     eager: bool | None = None  # no torch.compile / CUDA graphs; None: eager on CPU only
+    graphs: bool = True  # CUDA graphs (off: the same compiled kernels launched one by one, for traces)
     mem: float | None = None  # GPU memory fraction; None: the driver's default
     dummy: bool = False  # random weights (benchmarks: config.json only)
     kv_cache_dtype: str = "auto"
     max_batch: int | None = None
     profile_dir: str | None = None  # torch-profiler traces of start_profile()/stop_profile() go here
     tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
+    quantization: str | None = None  # the engine's weight quantization method, e.g. "fp8"
+    lora_rank: int | None = None  # serve LoRA adapters up to this rank (generate(..., lora=DIR))
 
 
 def _record(prompt: Request, tokens, top, cached) -> dict:
@@ -60,24 +64,32 @@ class VLLMDriver:
             kwargs["max_num_seqs"] = s.max_batch
         if s.dummy:
             kwargs["load_format"] = "dummy"
-        if s.tp > 1:
-            kwargs.update(tensor_parallel_size=s.tp, distributed_executor_backend="mp")
+        if s.tp > 1 or s.pp > 1:
+            kwargs.update(tensor_parallel_size=s.tp, pipeline_parallel_size=s.pp, distributed_executor_backend="mp")
+        if s.quantization:
+            kwargs["quantization"] = s.quantization
+        if s.lora_rank:
+            kwargs.update(enable_lora=True, max_lora_rank=s.lora_rank, max_loras=1)
         if cuda:
             kwargs["gpu_memory_utilization"] = s.mem or 0.3
+            if not s.graphs:
+                kwargs["compilation_config"] = {"cudagraph_mode": "NONE"}
         if s.profile_dir:
             kwargs["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": s.profile_dir,
                                          "torch_profiler_with_stack": False, "torch_profiler_use_gzip": False}
         self.dtype = getattr(torch, s.dtype)
         self.llm = LLM(**kwargs)
 
-    def generate(self, requests: list[Request], max_tokens: int, top: int = 0) -> list[dict]:
+    def generate(self, requests: list[Request], max_tokens: int, top: int = 0, lora: str | None = None) -> list[dict]:
         from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
 
         sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=top or None)
         inputs = [{"prompt_embeds": r.to(self.dtype)} if isinstance(r, torch.Tensor) else {"prompt_token_ids": r}
                   for r in requests]
+        adapter = LoRARequest("adapter", 1, lora) if lora else None
         out = []
-        for r, o in zip(requests, self.llm.generate(inputs, sp, use_tqdm=False)):
+        for r, o in zip(requests, self.llm.generate(inputs, sp, use_tqdm=False, lora_request=adapter)):
             c = o.outputs[0]
             steps = []
             for step in c.logprobs or []:
@@ -109,12 +121,16 @@ class SGLangDriver:
             kwargs["max_running_requests"] = s.max_batch
         if s.tp > 1:
             kwargs["tp_size"] = s.tp
+        if s.pp > 1:
+            kwargs["pp_size"] = s.pp
         if s.dummy:
             kwargs["load_format"] = "dummy"
+        if s.quantization:
+            kwargs["quantization"] = s.quantization
         if cuda_available():
             # the packed SGLang 0.5.16 has no FA3 (its Hopper default): flashinfer exists everywhere
             kwargs.update(attention_backend="flashinfer", mem_fraction_static=s.mem or 0.3)
-            if s.eager:
+            if s.eager or not s.graphs:
                 kwargs["disable_cuda_graph"] = True
         else:
             kwargs.update(SGLANG_CPU)

@@ -6,8 +6,11 @@ tokens equal the reference's, or first differ at a reference tie: top-2 logprob 
 the prefix cache must have.
 Prints a table (cell x engine) and exits non-zero on any failure.
 
-Usage: python tests/parity/compare.py [--dir build/parity] [--engines vllm sglang] [--tie 1e-3]
-       [--logprob-tol 1e-3] [--report-only]
+The tie margin and logprob tolerance follow each run's dtype (``judge.RULES``: 1e-3 for
+float32, wider for bf16) unless given.
+
+Usage: python tests/parity/compare.py [--dir build/parity] [--engines vllm sglang] [--tie T]
+       [--logprob-tol T] [--report-only] [--only-present]
 """
 
 from __future__ import annotations
@@ -57,12 +60,18 @@ def cross(a: list[dict], b: list[dict]) -> str:
     return ("equal" if not steps else f"differ@{min(steps)}") + f", gap {gap:.1e}"
 
 
+def rule(meta: dict, args) -> tuple[float, float]:
+    """(tie, tol) for a run: the command line's, else judge.RULES for the run's dtype."""
+    tie, tol = judge.RULES.get(meta.get("dtype", "float32"), (judge.TIE, judge.TOL))
+    return (tie if args.tie is None else args.tie), (tol if args.logprob_tol is None else args.logprob_tol)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, default=matrix.OUT_DIR)
     ap.add_argument("--engines", nargs="+", default=["vllm", "sglang"])
-    ap.add_argument("--tie", type=float, default=judge.TIE)
-    ap.add_argument("--logprob-tol", type=float, default=judge.TOL)
+    ap.add_argument("--tie", type=float, help="default: by each run's dtype (judge.RULES)")
+    ap.add_argument("--logprob-tol", type=float, help="default: by each run's dtype (judge.RULES)")
     ap.add_argument("--report-only", action="store_true", help="print the table, always exit 0")
     ap.add_argument("--only-present", action="store_true",
                     help="judge only the checkpoints the engines' files hold (a run restricted to some geometries)")
@@ -91,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 row.append("MISSING")
                 failed += 1
                 continue
-            text, ok = check_cell(got, ref[geometry][situation], situation, args.tie, args.logprob_tol)
+            tie, tol = rule(runs[e]["meta"], args)
+            text, ok = check_cell(got, ref[geometry][situation], situation, tie, tol)
             row.append(text if ok else f"FAIL {text}")
             passed, failed = passed + ok, failed + (not ok)
         if len(args.engines) == 2:
@@ -108,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     print(line)
     for e in args.engines:
         print(f"{e}: {runs[e]['meta']}")
-    print(f"tie margin {args.tie:g}, logprob tolerance {args.logprob_tol:g}, {matrix.STEPS} greedy steps per request")
+    for e in args.engines:
+        tie, tol = rule(runs[e]["meta"], args)
+        print(f"{e}: tie margin {tie:g}, logprob tolerance {tol:g}, {matrix.STEPS} greedy steps per request")
     print(f"parity: {passed} passed, {failed} failed")
     return 0 if args.report_only or failed == 0 else 1
 

@@ -5,7 +5,10 @@ Usage: python tests/parity/run_engine.py {vllm,sglang}
 Each checkpoint gets one engine for every situation but `embeds` (small prefill chunks,
 small KV blocks, prefix cache on) and a second one set up for embeddings input (vLLM then
 feeds every request through the compressor; SGLang takes input_embeds only with its radix
-cache off).  Environment: CONVGPT_PARITY_DTYPE (float32), CONVGPT_PARITY_EAGER (1 on CPU).
+cache off).  Environment: CONVGPT_PARITY_DTYPE (float32), CONVGPT_PARITY_EAGER (1 on CPU),
+CONVGPT_PARITY_TP (1), CONVGPT_PARITY_PP (1), CONVGPT_PARITY_KV (the KV-cache dtype, auto),
+CONVGPT_PARITY_QUANT (weight quantization, e.g. fp8; none).  Runs with non-default ones
+write ``<engine>-tp2``, ``<engine>-pp2``, ``<engine>-kvfp8``, ``<engine>-fp8`` and so on.
 """
 
 from __future__ import annotations
@@ -24,13 +27,19 @@ def main(engine: str) -> None:
     dtype = os.environ.get("CONVGPT_PARITY_DTYPE", "float32")
     eager = os.environ.get("CONVGPT_PARITY_EAGER", "0" if cuda_available() else "1") == "1"
     tp = int(os.environ.get("CONVGPT_PARITY_TP", "1"))
-    name_out = engine if tp == 1 else f"{engine}-tp{tp}"
+    pp = int(os.environ.get("CONVGPT_PARITY_PP", "1"))
+    kv = os.environ.get("CONVGPT_PARITY_KV", "auto")
+    quant = os.environ.get("CONVGPT_PARITY_QUANT") or None
+    name_out = "-".join([engine] + [tag for tag, on in ((f"tp{tp}", tp != 1), (f"pp{pp}", pp != 1),
+                                                        (f"kv{kv}", kv != "auto"), (quant, quant)) if on])
     meta = {"dtype": dtype, "eager": eager, engine: importlib.import_module(engine).__version__,
-            "device": "cuda" if cuda_available() else "cpu", "tp": tp}
+            "device": "cuda" if cuda_available() else "cpu", "tp": tp, "pp": pp, "kv_cache_dtype": kv,
+            "quantization": quant}
     results = {}
     for name, path, embeds_engine, situations in matrix.engine_starts():
         llm = drivers.start(engine, path, dtype=dtype, max_len=matrix.MAX_LEN, chunk=matrix.CHUNK,
-                            block=matrix.BLOCK, embeds=embeds_engine, eager=eager, max_batch=16, tp=tp)
+                            block=matrix.BLOCK, embeds=embeds_engine, eager=eager, max_batch=16, tp=tp, pp=pp,
+                            kv_cache_dtype=kv, quantization=quant)
         for situation, waves in situations:
             cell = []
             for wave in waves:
