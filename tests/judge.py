@@ -106,3 +106,27 @@ def assert_sequence_matches_reference(engine: str, root) -> None:
         finally:
             llm.stop()
         assert_matches_reference(path, ps, records, 16, label=name)
+
+
+def assert_lora_matches_merged_reference(engine: str, base: str, root) -> None:
+    """A LoRA adapter served by ``engine`` on checkpoint ``base`` gives the reference's tokens
+    for the checkpoint with the adapter merged into its weights; requests without the adapter
+    keep the base model's; and the adapter changes most answers (so the check has teeth)."""
+    import drivers
+    from convgpt_core.lora import make_adapter, merge_adapter
+    from helpers import prompts
+
+    adapter, merged = str(root / "adapter"), str(root / "merged")
+    make_adapter(base, adapter, rank=8, alpha=16, seed=3)
+    merge_adapter(base, adapter, merged)
+    ps = prompts(512, lengths=(7, 40, 130), seed=11)
+    llm = drivers.start(engine, base, lora_rank=8)
+    try:
+        adapted = llm.generate(ps, 16, top=5, lora=adapter)
+        plain = llm.generate(ps, 16, top=5)
+    finally:
+        llm.stop()
+    assert_matches_reference(merged, ps, adapted, 16, label="with the adapter")
+    assert_matches_reference(base, ps, plain, 16, label="without the adapter")
+    changed = sum(a["tokens"] != p["tokens"] for a, p in zip(adapted, plain))
+    assert changed * 2 >= len(ps), f"the adapter changed only {changed} of {len(ps)} answers"

@@ -79,3 +79,10 @@ def test_malformed_checkpoint_fails_at_load_naming_the_tensor(tiny_dirs, tmp_pat
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode != 0
     assert "missing tensors: model.layers.1.mlp.down_proj.weight" in r.stderr + r.stdout
+
+
+def test_lora_adapter_matches_merged_reference(tiny_dirs, tmp_path):
+    """A LoRA adapter on every decoder linear (q/k/v/o, gate/up/down) of the tiny checkpoint."""
+    from judge import assert_lora_matches_merged_reference
+
+    assert_lora_matches_merged_reference("vllm", tiny_dirs["tiny"], tmp_path)
