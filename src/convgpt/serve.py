@@ -73,6 +73,9 @@ def sglang_command(model: str, args: list[str], cuda: bool) -> list[str]:
     return [sys.executable, "-m", "sglang.launch_server", "--model-path", model, *args]
 
 
+NO_NCCL = "/nonexistent/convgpt-cpu-has-no-nccl/libnccl.so.2"
+
+
 def engine_env(engine: str, cuda: bool, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment an engine process needs on this machine (``base``: os.environ)."""
     env = dict(os.environ if base is None else base)
@@ -82,6 +85,11 @@ def engine_env(engine: str, cuda: bool, base: dict[str, str] | None = None) -> d
         env.setdefault("SGLANG_EXTERNAL_MODEL_PACKAGE", "convgpt.sglang")
         if not cuda:
             env.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+            # SGLang opens an NCCL communicator for every group of two or more ranks and
+            # fails on CPU tensors ("Expected a cuda device") when torch's NCCL library loads;
+            # with none to load it falls back to torch.distributed (gloo), which serves
+            # --tp-size / --pp-size on CPU.
+            env.setdefault("SGLANG_NCCL_SO_PATH", NO_NCCL)
             stub = libcuda_stub()
             if stub:
                 env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [stub, env.get("LD_LIBRARY_PATH")]))

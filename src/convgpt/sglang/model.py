@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
+from sglang.srt.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_world_size
 from sglang.srt.layers.activation import SiluAndMul
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.linear import (
@@ -27,11 +27,12 @@ from sglang.srt.layers.linear import (
 from sglang.srt.layers.logits_processor import LogitsProcessor
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
+from sglang.srt.layers.utils import PPMissingLayer
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, PPProxyTensors
 from sglang.srt.model_loader.weight_utils import default_weight_loader
 from sglang.srt.models.utils import apply_qk_norm
-from sglang.srt.utils import add_prefix
+from sglang.srt.utils import add_prefix, make_layers
 from torch import nn
 
 from convgpt_core.checkpoint import check_served_checkpoint, load_published
@@ -126,44 +127,61 @@ class ConvGPTModel(nn.Module):
         super().__init__()
         self.config = config
         geometry, head = config.geometry, config.head
-        self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, geometry.H, quant_config=quant_config,
-            prefix=_prefix(prefix, "embed_tokens"),
+        self.pp_group = pp = get_pp_group()
+        # Pipeline stages: the first holds the input side (embedding, compressed table,
+        # compressor), the last the head (scale_up, final norm, and the embedding again when
+        # the lm_head is tied to it); each holds its range of decoder layers.
+        if pp.is_first_rank or (head.tied and pp.is_last_rank):
+            self.embed_tokens = VocabParallelEmbedding(
+                config.vocab_size, geometry.H, quant_config=quant_config,
+                prefix=_prefix(prefix, "embed_tokens"),
+            )
+        else:
+            self.embed_tokens = PPMissingLayer()
+        if pp.is_first_rank:
+            # Not a checkpoint tensor: the compressor applied to every embedding row.
+            self.embed_compressed = VocabParallelEmbedding(
+                config.vocab_size, geometry.D, prefix=_prefix(prefix, "embed_compressed")
+            )
+            self.conv = CausalConvPool(geometry)
+            self.norm_emb = ScaleNorm()
+        else:
+            self.embed_compressed, self.conv, self.norm_emb = PPMissingLayer(), PPMissingLayer(), PPMissingLayer()
+        self.layers, self.start_layer, self.end_layer = make_layers(
+            config.num_hidden_layers,
+            lambda idx, prefix: ConvGPTDecoderLayer(config, idx, quant_config, prefix),
+            pp_rank=pp.rank_in_group, pp_size=pp.world_size, prefix=_prefix(prefix, "layers"),
         )
-        # Not a checkpoint tensor: the compressor applied to every embedding row.
-        self.embed_compressed = VocabParallelEmbedding(
-            config.vocab_size, geometry.D, prefix=_prefix(prefix, "embed_compressed")
-        )
-        self.conv = CausalConvPool(geometry)
-        self.norm_emb = ScaleNorm()
-        self.layers = nn.ModuleList(
-            ConvGPTDecoderLayer(config, i, quant_config, _prefix(prefix, f"layers.{i}"))
-            for i in range(config.num_hidden_layers)
-        )
-        self.scale_up = (
-            ConvGPTMLP(geometry.D, head.scale_up_inner, geometry.H, quant_config, _prefix(prefix, "scale_up"))
-            if head.tied else None
-        )
-        self.norm = RMSNorm(head.norm_width, eps=DECODER_NORM_EPS)
+        if pp.is_last_rank:
+            self.scale_up = (
+                ConvGPTMLP(geometry.D, head.scale_up_inner, geometry.H, quant_config, _prefix(prefix, "scale_up"))
+                if head.tied else None
+            )
+            self.norm = RMSNorm(head.norm_width, eps=DECODER_NORM_EPS)
+        else:
+            self.scale_up, self.norm = PPMissingLayer(), PPMissingLayer(return_tuple=True)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
 
-    def forward(self, input_ids, positions, forward_batch, input_embeds=None) -> torch.Tensor:
-        if input_embeds is not None:
+    def forward(self, input_ids, positions, forward_batch, input_embeds=None, pp_proxy_tensors=None):
+        if not self.pp_group.is_first_rank:
+            h, residual = pp_proxy_tensors["hidden_states"], pp_proxy_tensors["residual"]
+        elif input_embeds is not None:
             # SGLang's runner hands the model `forward_batch.input_embeds.bfloat16()`; the
             # batch still holds the request's float32 embeddings, so compress those instead.
             original = getattr(forward_batch, "input_embeds", None)
             if original is not None and original.shape == input_embeds.shape:
                 input_embeds = original
-            h = compress(input_embeds.to(self.conv.weight.dtype), self.conv, self.norm_emb)
+            h, residual = compress(input_embeds.to(self.conv.weight.dtype), self.conv, self.norm_emb), None
         else:
             # Requests are checked before they get here (plugin.py); the clamp keeps any id
             # that slips through from indexing outside the table.
-            h = self.embed_compressed(input_ids.clamp(0, self.config.vocab_size - 1))
-        residual = None
-        for layer in self.layers:
-            h, residual = layer(positions, h, forward_batch, residual)
+            h, residual = self.embed_compressed(input_ids.clamp(0, self.config.vocab_size - 1)), None
+        for i in range(self.start_layer, self.end_layer):
+            h, residual = self.layers[i](positions, h, forward_batch, residual)
+        if not self.pp_group.is_last_rank:
+            return PPProxyTensors({"hidden_states": h, "residual": residual})
         if self.scale_up is not None:
             return h + residual  # the tied head's scale_up runs in the logits processor, on kept rows
         h, _ = self.norm(h, residual)
@@ -175,7 +193,10 @@ class ConvGPTModel(nn.Module):
         return h if self.scale_up is None else self.norm(self.scale_up(h))
 
     def after_loading(self) -> None:
-        """Fold the conv and fill the compressed table (vocab shard), then compile the kernel."""
+        """Fold the conv and fill the compressed table (vocab shard), then compile the kernel
+        (the first pipeline stage's input side; nothing on the others)."""
+        if not self.pp_group.is_first_rank:
+            return
         after_loading(self.conv, self.norm_emb, self.embed_tokens.weight, self.embed_compressed.weight)
         warm_up(self.conv, self.norm_emb, self.embed_tokens.weight.dtype)
 
@@ -202,10 +223,20 @@ class ConvGPTForCausalLM(nn.Module):
         args = get_server_args()
         if args is not None and args.load_format != "dummy":  # dummy: random weights, no files
             check_served_checkpoint(args.model_path, args.tokenizer_path)
+        padded = getattr(config, "original_total_num_kv_heads", config.num_key_value_heads)
+        if padded != config.num_key_value_heads:
+            raise ValueError(
+                f"SGLang's CPU backend padded the attention heads to fit tensor parallelism (kv heads "
+                f"{padded} -> {config.num_key_value_heads}); ConvGPT does not load padded heads. On CPU "
+                f"use a --tp-size that divides num_key_value_heads ({padded})"
+            )
         self.config = config
         self.quant_config = quant_config
+        self.pp_group = get_pp_group()
         self.model = ConvGPTModel(config, quant_config, _prefix(prefix, "model"))
-        if config.head.tied:
+        if not self.pp_group.is_last_rank:
+            self.lm_head = PPMissingLayer()
+        elif config.head.tied:
             self.lm_head = self.model.embed_tokens
         else:
             self.lm_head = ParallelLMHead(
@@ -217,17 +248,45 @@ class ConvGPTForCausalLM(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
 
+    # LoRA (SGLang's LoRA manager asks the model): adapters target the decoder layers' linears,
+    # which work at width D, not at the config's hidden_size (H); scale_up is not adaptable.
+    def get_hidden_dim(self, module_name: str, layer_idx: int) -> tuple[int, int]:
+        c = self.config
+        D, hd, nq, nkv, inter = (c.geometry.D, c.head_dim, c.num_attention_heads, c.num_key_value_heads,
+                                 c.intermediate_size)
+        dims = {"qkv_proj": (D, hd * (nq + 2 * nkv)), "o_proj": (hd * nq, D),
+                "gate_up_proj": (D, 2 * inter), "down_proj": (inter, D)}
+        if module_name not in dims:
+            raise NotImplementedError(f"ConvGPT has no LoRA-adaptable module {module_name}")
+        return dims[module_name]
+
+    def should_apply_lora(self, module_name: str) -> bool:
+        return module_name.startswith("model.layers.")
+
     @torch.no_grad()
     def forward(self, input_ids, positions, forward_batch: ForwardBatch, input_embeds=None,
-                get_embedding: bool = False):
+                get_embedding: bool = False, pp_proxy_tensors: PPProxyTensors | None = None):
         if get_embedding:
             raise ValueError("ConvGPTForCausalLM is a generation model; it has no embedding output")
-        hidden = self.model(input_ids, positions, forward_batch, input_embeds)
+        hidden = self.model(input_ids, positions, forward_batch, input_embeds, pp_proxy_tensors)
+        if not self.pp_group.is_last_rank:
+            return hidden
         return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
 
+    @property
+    def start_layer(self) -> int:  # SGLang sizes this stage's KV cache by these
+        return self.model.start_layer
+
+    @property
+    def end_layer(self) -> int:
+        return self.model.end_layer
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load the published names strictly: raises naming any missing/unexpected/misshapen tensor."""
-        load_published(dict(self.named_parameters()), weights, self.config, default_weight_loader)
+        """Load the published names strictly: raises naming any missing/unexpected/misshapen
+        tensor (the whole checkpoint is checked; a pipeline stage keeps its own modules')."""
+        params = dict(self.named_parameters())
+        elsewhere = (lambda name: name not in params) if self.pp_group.world_size > 1 else None
+        load_published(params, weights, self.config, default_weight_loader, elsewhere=elsewhere)
         self.model.after_loading()
 
 
