@@ -119,6 +119,13 @@ class SGLangDriver:
             kwargs["page_size"] = s.block
         if s.max_batch:
             kwargs["max_running_requests"] = s.max_batch
+        if s.lora_rank:
+            from convgpt_core.lora import DECODER_LINEARS
+
+            kwargs.update(enable_lora=True, max_lora_rank=s.lora_rank, max_loras_per_batch=1,
+                          lora_target_modules=list(DECODER_LINEARS))
+            if not cuda_available():
+                kwargs["lora_backend"] = "torch_native"
         if s.tp > 1:
             kwargs["tp_size"] = s.tp
         if s.pp > 1:
@@ -135,11 +142,19 @@ class SGLangDriver:
         else:
             kwargs.update(SGLANG_CPU)
         self.llm = sgl.Engine(**kwargs)
+        self.adapters: set[str] = set()
 
-    def generate(self, requests: list[Request], max_tokens: int, top: int = 0) -> list[dict]:
+    def generate(self, requests: list[Request], max_tokens: int, top: int = 0, lora: str | None = None) -> list[dict]:
         from sglang.srt.managers.io_struct import GenerateReqInput
 
         params = {"temperature": 0, "max_new_tokens": max_tokens, "ignore_eos": True}
+        if lora:
+            if lora not in self.adapters:
+                self.llm.load_lora_adapter(lora_name=lora, lora_path=lora)
+                self.adapters.add(lora)
+            outs = self.llm.generate(input_ids=requests, sampling_params=params, return_logprob=bool(top),
+                                     top_logprobs_num=top, lora_path=[lora] * len(requests))
+            return [sglang_record(r, o, top) for r, o in zip(requests, outs)]
         if isinstance(requests[0], torch.Tensor):  # Engine.generate has no input_embeds argument
             obj = GenerateReqInput(input_embeds=[r.float().tolist() for r in requests], sampling_params=params,
                                    return_logprob=bool(top), top_logprobs_num=top)

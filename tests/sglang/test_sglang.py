@@ -114,3 +114,19 @@ def test_malformed_checkpoint_fails_at_load_naming_the_tensor(tiny_dirs, tmp_pat
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert r.returncode != 0
     assert "model.layers.0.self_attn.q_proj.weight has shape (256, 65), expected (256, 64)" in r.stderr + r.stdout
+
+
+@pytest.mark.skipif(not cuda_available(), reason="SGLang's LoRA layers pin host memory (torch.tensor(..., "
+                    "pin_memory=True) in sglang/srt/lora/layers.py), which needs a CUDA driver")
+def test_lora_adapter_matches_merged_reference(tiny_dirs, tmp_path):
+    """A LoRA adapter on every decoder linear (q/k/v/o, gate/up/down) of the tiny checkpoint."""
+    from judge import assert_lora_matches_merged_reference
+
+    assert_lora_matches_merged_reference("sglang", tiny_dirs["tiny"], tmp_path)
+
+
+def test_installed_wheel_works_as_a_user_would(tmp_path):
+    """This environment holds SGLang and the built wheel (`convgpt serve` above ran from it)."""
+    from users import assert_wheel_works_as_a_user_would
+
+    assert_wheel_works_as_a_user_would(tmp_path)

@@ -86,3 +86,10 @@ def test_lora_adapter_matches_merged_reference(tiny_dirs, tmp_path):
     from judge import assert_lora_matches_merged_reference
 
     assert_lora_matches_merged_reference("vllm", tiny_dirs["tiny"], tmp_path)
+
+
+def test_installed_wheel_works_as_a_user_would(tmp_path):
+    """This environment holds vLLM and the built wheel (`convgpt serve` above ran from it)."""
+    from users import assert_wheel_works_as_a_user_would
+
+    assert_wheel_works_as_a_user_would(tmp_path)
