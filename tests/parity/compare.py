@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--logprob-tol", type=float, help="default: by each run's dtype (judge.RULES)")
     ap.add_argument("--report-only", action="store_true", help="print the table, always exit 0")
     ap.add_argument("--only-present", action="store_true",
-                    help="judge only the checkpoints the engines' files hold (a run restricted to some geometries)")
+                    help="judge only the cells all the engines' files hold (a run restricted to some cells)")
     args = ap.parse_args(argv)
 
     def load(name):
@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.engines) == 2:
         headers.append(" vs ".join(args.engines))
     rows, passed, failed = [], 0, 0
-    present = set.intersection(*(set(r["results"]) for r in runs.values()))
+    present = set.intersection(*({(g, s) for g, cells in r["results"].items() for s in cells}
+                                 for r in runs.values()))
     for geometry, situation in matrix.cells():
-        if args.only_present and geometry not in present:
+        if args.only_present and (geometry, situation) not in present:
             continue
         row = [f"{geometry} / {situation}"]
         for e in args.engines:
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         tie, tol = rule(runs[e]["meta"], args)
         print(f"{e}: tie margin {tie:g}, logprob tolerance {tol:g}, {matrix.STEPS} greedy steps per request")
     print(f"parity: {passed} passed, {failed} failed")
+    if passed + failed == 0:
+        print("parity: no cell was compared (the runs hold no common cells)")
+        return 0 if args.report_only else 1
     return 0 if args.report_only or failed == 0 else 1
 
 
