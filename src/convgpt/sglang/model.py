@@ -2,7 +2,8 @@
 
 Engine glue only: ``RadixAttention`` (per-layer sliding window), tensor-parallel
 QKV/merged/row linears, fused residual ``RMSNorm``, ``get_rope``, vocab-parallel
-embeddings, the tied lm_head, ``LogitsProcessor``.  Math and names come from
+embeddings, the tied lm_head, ``LogitsProcessor``, pipeline stages (``make_layers`` ranges,
+``PPProxyTensors``) and the dims SGLang's LoRA manager asks for.  Math and names come from
 :mod:`convgpt_core`.  The forward pass has no host syncs and no data-dependent shapes,
 so CUDA graphs can capture it.
 

@@ -4,7 +4,8 @@ The math and the checkpoint names come from :mod:`convgpt_core`; this module is 
 glue: vLLM's paged ``Attention`` (per-layer sliding window), tensor-parallel linears
 (``QKVParallelLinear`` with GQA sharding/replication, merged gate/up), fused residual
 ``RMSNorm``, ``get_rope``, vocab-parallel embeddings, a tied ``ParallelLMHead``, the
-``LogitsProcessor`` and ``@support_torch_compile`` (torch.compile + CUDA graphs).
+``LogitsProcessor`` and ``@support_torch_compile`` (torch.compile + CUDA graphs); pipeline
+stages (``SupportsPP``) and LoRA on the decoder linears (``SupportsLoRA``).
 
 Token ids take the fast path: a vocab x D table of compressed embeddings, built once after
 the weights load and sharded like the embedding.  Embeddings handed in by the engine
