@@ -20,7 +20,7 @@ import shutil
 
 import torch
 
-from .checkpoint import WEIGHTS_NAME, CheckpointError, expected_tensors
+from .checkpoint import FUSED_LAYERS, WEIGHTS_NAME, CheckpointError, expected_tensors
 from .config import ConvGPTConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -42,6 +42,19 @@ def adapter_modules(config: ConvGPTConfig, targets: tuple[str, ...] = DECODER_LI
         if _DECODER_MODULE.match(module) and module.rsplit(".", 1)[1] in targets:
             out[module] = shape
     return out
+
+
+def fused_linear_dims(config: ConvGPTConfig, layer: int = 0) -> dict[str, tuple[int, int]]:
+    """(in, out) of layer ``layer``'s adaptable linears as the engines fuse them
+    (``FUSED_LAYERS``: q/k/v -> qkv_proj, gate/up -> gate_up_proj), from the checkpoint shapes."""
+    dims: dict[str, tuple[int, int]] = {}
+    for module, (rows, cols) in adapter_modules(config).items():
+        if not module.startswith(f"model.layers.{layer}."):
+            continue
+        part = module.rsplit(".", 1)[1]
+        fused = next((name for name, parts in FUSED_LAYERS.items() if part in parts), part)
+        dims[fused] = (cols, dims.get(fused, (cols, 0))[1] + rows)
+    return dims
 
 
 def make_adapter(

@@ -68,3 +68,13 @@ def test_adapter_errors_name_the_problem(base, tmp_path):
         merge_adapter(base, adapter, str(tmp_path / "m"))
     with pytest.raises(ValueError, match="not ConvGPT decoder linears"):
         make_adapter(base, str(tmp_path / "b"), targets=("lm_head",))
+
+
+def test_fused_linear_dims_are_the_engines_fused_shapes(base):
+    """tiny-untied: D = 64, head_dim 64, 4 q heads, 2 kv heads, intermediate 128."""
+    from convgpt_core.config import ConvGPTConfig
+    from convgpt_core.lora import fused_linear_dims
+
+    dims = fused_linear_dims(ConvGPTConfig.from_pretrained(base), layer=1)
+    assert dims == {"qkv_proj": (64, 64 * (4 + 2 * 2)), "o_proj": (4 * 64, 64),
+                    "gate_up_proj": (64, 2 * 128), "down_proj": (128, 64)}

@@ -40,6 +40,7 @@ from convgpt_core.checkpoint import check_served_checkpoint, load_published
 from convgpt_core.compressor import CausalConvPool, ScaleNorm, after_loading
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 from convgpt_core.kernels import compress, warm_up
+from convgpt_core.lora import fused_linear_dims
 
 
 def _prefix(prefix: str, name: str) -> str:
@@ -252,11 +253,7 @@ class ConvGPTForCausalLM(nn.Module):
     # LoRA (SGLang's LoRA manager asks the model): adapters target the decoder layers' linears,
     # which work at width D, not at the config's hidden_size (H); scale_up is not adaptable.
     def get_hidden_dim(self, module_name: str, layer_idx: int) -> tuple[int, int]:
-        c = self.config
-        D, hd, nq, nkv, inter = (c.geometry.D, c.head_dim, c.num_attention_heads, c.num_key_value_heads,
-                                 c.intermediate_size)
-        dims = {"qkv_proj": (D, hd * (nq + 2 * nkv)), "o_proj": (hd * nq, D),
-                "gate_up_proj": (D, 2 * inter), "down_proj": (inter, D)}
+        dims = fused_linear_dims(self.config, layer_idx)
         if module_name not in dims:
             raise NotImplementedError(f"ConvGPT has no LoRA-adaptable module {module_name}")
         return dims[module_name]
