@@ -41,6 +41,7 @@ class Settings:
     pp: int = 1  # pipeline-parallel size
     quantization: str | None = None  # the engine's weight quantization method, e.g. "fp8"
     lora_rank: int | None = None  # serve LoRA adapters up to this rank (generate(..., lora=DIR))
+    detokenize: bool = True  # off: token ids only (benchmarks: text is not their business)
 
 
 def _record(prompt: Request, tokens, top, cached) -> dict:
@@ -78,13 +79,15 @@ class VLLMDriver:
             kwargs["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": s.profile_dir,
                                          "torch_profiler_with_stack": False, "torch_profiler_use_gzip": False}
         self.dtype = getattr(torch, s.dtype)
+        self.detokenize = s.detokenize
         self.llm = LLM(**kwargs)
 
     def generate(self, requests: list[Request], max_tokens: int, top: int = 0, lora: str | None = None) -> list[dict]:
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
-        sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=top or None)
+        sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=top or None,
+                            detokenize=self.detokenize)
         inputs = [{"prompt_embeds": r.to(self.dtype)} if isinstance(r, torch.Tensor) else {"prompt_token_ids": r}
                   for r in requests]
         adapter = LoRARequest("adapter", 1, lora) if lora else None
@@ -134,6 +137,8 @@ class SGLangDriver:
             kwargs["load_format"] = "dummy"
         if s.quantization:
             kwargs["quantization"] = s.quantization
+        if not s.detokenize:
+            kwargs["skip_tokenizer_init"] = True
         if cuda_available():
             # the packed SGLang 0.5.16 has no FA3 (its Hopper default): flashinfer exists everywhere
             kwargs.update(attention_backend="flashinfer", mem_fraction_static=s.mem or 0.3)
