@@ -3,7 +3,9 @@ on vLLM or SGLang, measured so that the ratio can be trusted.
 
 Both models' engines are started side by side (the GPU memory split between them) through
 the drivers of ``tests/drivers.py`` (offline engine, ``load_format="dummy"``, prefix/radix
-cache off; SGLang with flashinfer attention on CUDA), then every measurement alternates
+cache off, no detokenization: the benchmark tokenizer is smaller than the models' vocab, and
+turning ids it lacks into text costs ~45 us a token in the engine's front end; SGLang with
+flashinfer attention on CUDA), then every measurement alternates
 A/B/A/B ``--rounds`` times.  Reported per measurement: each model's median throughput and
 the median of the per-round ratios ConvGPT / twin with its min-max.
 
@@ -12,14 +14,16 @@ the median of the per-round ratios ConvGPT / twin with its min-max.
   (time(T tokens) - time(1 token)), i.e. the prefill is subtracted;
 * the same at batch 1.
 
-``--trace DIR`` then starts each model alone with CUDA graphs off (the engines' profilers
-miss the kernels inside a graph replay; graphs off launches the same compiled kernels one by
-one), profiles one decode window (batch B, and batch 1) and one prefill with the engine's
-torch profiler and prints, per decode step: GPU-busy time, kernel count, attention share,
-GPU time per op class beside the twin's, and the timed rounds' wall time per step minus the
-GPU-busy time (host and launch time the GPU waits for); per prefill: GPU time by op class
-(``benchmarks/steptrace.py`` reads the traces).  ``--rounds 0 --trace DIR --out JSON`` adds
-traces to an earlier run's JSON.
+``--trace DIR`` adds kernel traces (the engine's own torch profiler; ``benchmarks/steptrace.py``
+reads them).  A decode step is the difference of two profiled runs of the same requests,
+17 tokens and 1 token, over 16: on the timed engines (CUDA graphs on) that gives the host
+side of a step (CUDA runtime calls, CPU ops; on the H200 with torch 2.11 the profiler also
+sees the kernels inside the graph replays); then each model is
+started alone with CUDA graphs off (kernels launched one by one, the same compiled kernels)
+for GPU-busy time, kernel count, attention share and GPU time per op class beside the
+twin's, at batch B and 1, and one prefill's GPU time by op class.  The table puts the timed
+rounds' wall time per step beside the GPU-busy time.  ``--rounds 0 --trace DIR --out JSON``
+adds the graphs-off traces to an earlier run's JSON.
 
 Usage (a CUDA machine, the engine importable, tests/ on PYTHONPATH as nox sets it):
     python benchmarks/e2e.py --engine vllm --out benchmarks/results/e2e_vllm_h200.json [--trace DIR]
@@ -122,7 +126,7 @@ def engine_settings(args, **over):
     return drivers.Settings(**dict(
         dtype=args.dtype, max_len=args.max_model_len, max_batch=args.batch, mem=args.gpu_mem / 2,
         prefix_cache=False, dummy=True, kv_cache_dtype=args.kv_cache_dtype, eager=False,
-        quantization=args.quantization, chunk=args.chunk, **over))
+        quantization=args.quantization, chunk=args.chunk, detokenize=False, **over))
 
 
 def measurements(args) -> list[tuple[str, str, int, int]]:
@@ -139,7 +143,8 @@ def measurements(args) -> list[tuple[str, str, int, int]]:
 def run(args, paths: dict[str, str]) -> dict:
     benches = {}
     for name in MODELS:  # side by side: both engines up before any timing
-        benches[name] = Bench(paths[name], args)
+        profile = {"profile_dir": os.path.join(os.path.abspath(args.trace), f"{name}-graphs")} if args.trace else {}
+        benches[name] = Bench(paths[name], args, **profile)
         print(f"{name}: engine up in {benches[name].start_s:.0f} s", file=sys.stderr, flush=True)
     for b in benches.values():  # warm-up: every shape class once
         b.timed(b.prompts(4, 64), 8)
@@ -156,16 +161,59 @@ def run(args, paths: dict[str, str]) -> dict:
             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
         }
         print(label, json.dumps(result["measurements"][label]), file=sys.stderr, flush=True)
+    if args.trace:
+        result["host_traces"] = host_traces(args, benches, os.path.abspath(args.trace))
     for b in benches.values():
         b.engine.stop()
     gc.collect()
     return result
 
 
+def profiled(b: Bench, folder: str, prompts: list[list[int]], tokens: int) -> str:
+    """The trace file of one profiled ``generate`` (the same shapes run once before, untraced)."""
+    import steptrace as tr
+
+    b.timed(prompts, tokens)
+    before = set(tr.trace_files(folder))
+    b.engine.llm.start_profile()
+    b.timed(prompts, tokens)
+    b.engine.llm.stop_profile()
+    return tr.wait_new_trace(folder, before)
+
+
+def decode_trace(b: Bench, folder: str, batch: int, length: int, steps: int = 16) -> dict:
+    """One decode step of ``batch`` requests: traces of the same requests generating
+    ``steps`` + 1 tokens and 1 token, differenced (``steptrace.decode_per_step``)."""
+    import steptrace as tr
+
+    prompts = b.prompts(batch, length)
+    long = profiled(b, folder, prompts, steps + 1)
+    short = profiled(b, folder, prompts, 1)
+    stats = tr.decode_per_step(tr.window(long), tr.window(short), steps)
+    return dict(stats, trace=[os.path.basename(long), os.path.basename(short)])
+
+
+def decode_batches(args) -> list[tuple[str, int]]:
+    return [(f"decode_b{args.batch}", args.batch)] + ([] if args.no_batch1 else [("decode_b1", 1)])
+
+
+def host_traces(args, benches: dict[str, Bench], trace_dir: str) -> dict:
+    """A decode step with CUDA graphs on (the timed engines): CUDA runtime calls and CPU ops
+    per step, and the kernels the profiler sees (on the H200 with torch 2.11 that includes
+    the graph replays' kernels)."""
+    out = {}
+    for name, b in benches.items():
+        for label, batch in decode_batches(args):
+            stats = decode_trace(b, os.path.join(trace_dir, f"{name}-graphs"), batch, args.decode_prompt)
+            out.setdefault(name, {})[label] = stats
+            print(name, "graphs on", label, json.dumps(stats["runtime_per_step"][:6]), file=sys.stderr, flush=True)
+    return out
+
+
 def traces(args, paths: dict[str, str], trace_dir: str) -> dict:
-    """Profile a decode window at batch B (and 1) and one prefill per model, one model at a
+    """Profile decode steps at batch B (and 1) and one prefill per model, one model at a
     time, on an engine with CUDA graphs off (the same kernels, launched one by one: the
-    engines' profilers do not see the kernels inside a graph replay); step statistics."""
+    engines' profilers do not see the kernels inside a graph replay)."""
     import steptrace as tr
 
     out = {}
@@ -173,23 +221,12 @@ def traces(args, paths: dict[str, str], trace_dir: str) -> dict:
         folder = os.path.join(trace_dir, name)
         b = Bench(paths[name], args, graphs=False, profile_dir=folder)
         b.timed(b.prompts(4, 64), 8)
-        for label, batch, tokens, length in ((f"decode_b{args.batch}", args.batch, 16, args.decode_prompt),
-                                             ("decode_b1", 1, 16, args.decode_prompt),
-                                             ("prefill", min(args.prefill_n or 32, 32), 1, args.prefill_len)):
-            if label == "decode_b1" and args.no_batch1:
-                continue
-            prompts = b.prompts(batch, length)
-            b.timed(prompts, tokens)  # same shapes once more, outside the trace
-            before = set(tr.trace_files(folder))
-            b.engine.llm.start_profile()
-            b.timed(prompts, tokens)
-            b.engine.llm.stop_profile()
-            file = tr.wait_new_trace(folder, before)
-            kernels = tr.kernels(file)
-            stats = tr.decode_steps(kernels) if label.startswith("decode") else tr.op_classes(kernels)
-            out.setdefault(name, {})[label] = dict(stats, trace=os.path.relpath(file, trace_dir))
-            print(name, label, json.dumps({k: v for k, v in stats.items() if k != "ms_by_class"}),
+        for label, batch in decode_batches(args):
+            out.setdefault(name, {})[label] = stats = decode_trace(b, folder, batch, args.decode_prompt)
+            print(name, label, json.dumps({k: stats[k] for k in ("busy_ms", "kernels", "attention_share")}),
                   file=sys.stderr, flush=True)
+        file = profiled(b, folder, b.prompts(min(args.prefill_n or 32, 32), args.prefill_len), 1)
+        out[name]["prefill"] = dict(tr.op_classes(tr.kernels(file)), trace=os.path.basename(file))
         b.engine.stop()
         del b
         gc.collect()
@@ -242,6 +279,21 @@ def table(data: dict) -> str:
             if s:
                 parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(s["ms_by_class"].items(), key=lambda kv: -kv[1]))
                 lines.append(f"{name} prefill GPU ms by op class: total {s['total_ms']:.1f}: {parts}")
+    host = data["result"].get("host_traces")
+    if host:
+        lines.append("")
+        lines.append("a decode step with CUDA graphs on (the timed engines), per step: kernels and their GPU "
+                     "time, CUDA runtime calls (calls, us), CPU ops (us, nested ops counted in each)")
+        for label in host.get("convgpt", {}):
+            for name in MODELS:
+                s = host.get(name, {}).get(label)
+                if not s:
+                    continue
+                calls = "; ".join(f"{n} x{c:g} {us:.0f}" for n, c, us in s["runtime_per_step"][:6])
+                ops = "; ".join(f"{n} {us:.0f}" for n, _, us in s["cpu_ops_per_step"][:8])
+                lines.append(f"{name + ' ' + label:<24}{s['kernels']:.0f} kernels, GPU-busy {s['busy_ms'] * 1e3:.0f} us; "
+                             f"runtime: {calls}")
+                lines.append(f"{'':<24}CPU ops: {ops}")
     return "\n".join(lines)
 
 

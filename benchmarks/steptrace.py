@@ -1,13 +1,19 @@
-"""Read a torch-profiler chrome trace of an engine (vLLM's or SGLang's profiler) into step
+"""Read torch-profiler chrome traces of an engine (vLLM's or SGLang's profiler) into step
 statistics: where one model step's time goes.
 
-The GPU kernels of the trace (``"cat": "kernel"`` events; kernels inside CUDA-graph replays
-are missing from the engines' profiler traces, so step traces come from engines with graphs off) are
-split into steps at idle gaps longer than ``GAP_US``.  Per decode step: GPU-busy time (the
-sum of kernel durations), kernel count, the share of attention kernels, and the host gap
-before the step.  Per prefill: GPU time by op class.
+Decode steps, any engine (:func:`decode_per_step`): two traces of the same requests, one
+generating N tokens and one generating 1 (the prefill alone); their difference divided by
+N - 1 is one decode step: GPU-busy time (kernel durations), kernel count, attention share,
+GPU time per op class and per kernel, and on the host side the CUDA runtime calls
+(``cudaLaunchKernel``, ``cudaGraphLaunch``, copies, synchronisations) and CPU ops per step.
+Kernel statistics come from engines with graphs off (every kernel launched on its own; some
+profiler/driver combinations miss the kernels inside graph replays); traces of engines with
+graphs on say what the host does per step (graph launches, kernels launched outside the
+graph, the step's CPU work).
+Per prefill (:func:`op_classes`): GPU time by op class.
 
 Usage: python benchmarks/steptrace.py TRACE.json[.gz] [--prefill]
+       python benchmarks/steptrace.py --diff TRACE_N.json TRACE_1.json N
 """
 
 from __future__ import annotations
@@ -57,15 +63,71 @@ def wait_new_trace(folder: str, before: set[str], timeout: float = 300) -> str:
     raise TimeoutError(f"no new trace in {folder} within {timeout:.0f} s")
 
 
-def kernels(path: str) -> list[tuple[float, float, str]]:
-    """(start us, duration us, name) of every GPU kernel, by start time."""
+def load(path: str) -> list[dict]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
         events = json.load(f)
-    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    return events.get("traceEvents", events) if isinstance(events, dict) else events
+
+
+def kernels(path: str) -> list[tuple[float, float, str]]:
+    """(start us, duration us, name) of every GPU kernel, by start time."""
     out = [(float(e["ts"]), float(e.get("dur", 0.0)), e.get("name", ""))
-           for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"]
+           for e in load(path) if e.get("cat") == "kernel" and e.get("ph") == "X"]
     return sorted(out)
+
+
+HOST_CATEGORIES = {"cuda_runtime": "runtime", "cuda_driver": "runtime", "cpu_op": "cpu", "user_annotation": "cpu"}
+
+
+def window(path: str) -> dict:
+    """Totals of one profiled window: GPU kernels (time, count, by class, by name) and host
+    events (CUDA runtime/driver calls and CPU ops by name: [count, us])."""
+    out = {"busy_us": 0.0, "kernels": 0, "attention_us": 0.0, "by_class": {}, "by_kernel": {}, "runtime": {}, "cpu": {}}
+    for e in load(path):
+        if e.get("ph") != "X":
+            continue
+        cat, name, dur = e.get("cat"), e.get("name", ""), float(e.get("dur", 0.0))
+        if cat == "kernel":
+            out["busy_us"] += dur
+            out["kernels"] += 1
+            out["attention_us"] += dur if ATTENTION.search(name) else 0.0
+            cls = op_class(name)
+            out["by_class"][cls] = out["by_class"].get(cls, 0.0) + dur
+            out["by_kernel"][name[:120]] = out["by_kernel"].get(name[:120], 0.0) + dur
+        elif cat in HOST_CATEGORIES:  # step annotations carry the step's sizes: one name for all
+            key = re.sub(r"\d+", "#", name) if cat == "user_annotation" else name
+            slot = out[HOST_CATEGORIES[cat]].setdefault(key[:120], [0, 0.0])
+            slot[0] += 1
+            slot[1] += dur
+    return out
+
+
+def decode_per_step(long: dict, short: dict, steps: int, top: int = 25) -> dict:
+    """One decode step: (``long`` - ``short``) / ``steps``, where ``long`` and ``short`` are
+    :func:`window` totals of the same requests generating ``steps`` + 1 tokens and 1 token."""
+    def diff(a: dict, b: dict) -> dict:
+        return {k: (v - b.get(k, 0.0)) / steps for k, v in a.items()}
+
+    busy = (long["busy_us"] - short["busy_us"]) / steps
+    by_kernel = diff(long["by_kernel"], short["by_kernel"])
+
+    def host(kind: str) -> list:
+        rows = {n: [(c - short[kind].get(n, [0, 0.0])[0]) / steps, (us - short[kind].get(n, [0, 0.0])[1]) / steps]
+                for n, (c, us) in long[kind].items()}
+        ranked = sorted(rows.items(), key=lambda kv: -kv[1][1])[:top]
+        return [[n, round(c, 2), round(us, 1)] for n, (c, us) in ranked if c > 0.5 or us > 1.0]
+
+    return {
+        "steps": steps,
+        "busy_ms": busy / 1e3,
+        "kernels": (long["kernels"] - short["kernels"]) / steps,
+        "attention_share": (long["attention_us"] - short["attention_us"]) / steps / busy if busy > 0 else 0.0,
+        "us_by_class": diff(long["by_class"], short["by_class"]),
+        "top_kernels_us": [[n, round(v, 2)] for n, v in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]],
+        "runtime_per_step": host("runtime"),  # [name, calls, us]
+        "cpu_ops_per_step": host("cpu"),
+    }
 
 
 def steps(ks: list[tuple[float, float, str]], gap_us: float = GAP_US) -> list[tuple[float, list]]:
@@ -142,10 +204,7 @@ def annotated_decode_steps(path: str) -> dict | None:
     """Decode-step statistics from the engine's per-step GPU annotations (vLLM marks each step
     ``execute_context_<n>(<tokens>)_generation_<m>(<m>)``; decode-only steps have n = 0): each
     step is the kernels inside its annotation.  None when the trace has no such annotations."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as f:
-        events = json.load(f)
-    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    events = load(path)
     spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
                    if e.get("cat") == "gpu_user_annotation" and re.match(r"execute_context_0\(0\)_generation_[1-9]",
                                                                         e.get("name", "")))
@@ -160,6 +219,9 @@ def annotated_decode_steps(path: str) -> dict | None:
 if __name__ == "__main__":
     if sys.argv[1] == "--update":
         update(sys.argv[2], sys.argv[3])
+        sys.exit()
+    if sys.argv[1] == "--diff":
+        print(json.dumps(decode_per_step(window(sys.argv[2]), window(sys.argv[3]), int(sys.argv[4]) - 1), indent=2))
         sys.exit()
     ks = kernels(sys.argv[1])
     print(json.dumps(op_classes(ks) if "--prefill" in sys.argv else decode_steps(ks), indent=2))
