@@ -7,7 +7,8 @@ the prefix cache must have.
 Prints a table (cell x engine) and exits non-zero on any failure.
 
 The tie margin and logprob tolerance follow each run's dtype (``judge.RULES``: 1e-3 for
-float32, wider for bf16) unless given.
+float32, wider for bf16 and fp8) unless given.  A run with fp8 weights (``quantization="fp8"``)
+is judged against the reference with the same fp8 rounding (``run_reference.py --fp8``).
 
 Usage: python tests/parity/compare.py [--dir build/parity] [--engines vllm sglang] [--tie T]
        [--logprob-tol T] [--report-only] [--only-present]
@@ -62,7 +63,7 @@ def cross(a: list[dict], b: list[dict]) -> str:
 
 def rule(meta: dict, args) -> tuple[float, float]:
     """(tie, tol) for a run: the command line's, else judge.RULES for the run's dtype."""
-    tie, tol = judge.RULES.get(meta.get("dtype", "float32"), (judge.TIE, judge.TOL))
+    tie, tol = judge.RULES.get(judge.rule_key(meta), (judge.TIE, judge.TOL))
     return (tie if args.tie is None else args.tie), (tol if args.logprob_tol is None else args.logprob_tol)
 
 
@@ -83,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"missing {path}: run `nox -s parity-{name}` first")
         return json.loads(path.read_text())
 
-    ref = load("reference")["results"]
     runs = {e: load(e) for e in args.engines}
+    refs = {e: load("reference-fp8" if runs[e]["meta"].get("quantization") == "fp8" else "reference")["results"]
+            for e in args.engines}
     headers = ["cell"] + [f"{e} ({runs[e]['meta'].get('dtype')})" for e in args.engines]
     if len(args.engines) == 2:
         headers.append(" vs ".join(args.engines))
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed += 1
                 continue
             tie, tol = rule(runs[e]["meta"], args)
-            text, ok = check_cell(got, ref[geometry][situation], situation, tie, tol)
+            text, ok = check_cell(got, refs[e][geometry][situation], situation, tie, tol)
             row.append(text if ok else f"FAIL {text}")
             passed, failed = passed + ok, failed + (not ok)
         if len(args.engines) == 2:
