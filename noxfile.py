@@ -231,6 +231,13 @@ def bench_compressor(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_compressor.py", *session.posargs)
 
 
+@nox.session(name="bench-gemm", default=False)
+def bench_gemm(session: nox.Session) -> None:
+    """Decode GEMM shapes (CUDA): cuBLAS vs torch.compile max-autotune's choice, in a CUDA graph."""
+    session.install("torch", "triton")
+    session.run("python", "benchmarks/bench_gemm.py", *session.posargs)
+
+
 @nox.session(default=False)
 def roofline(session: nox.Session) -> None:
     """Recorded H100 runs against their bytes/FLOPs floors (no GPU needed)."""
