@@ -212,8 +212,8 @@ def host_traces(args, benches: dict[str, Bench], trace_dir: str) -> dict:
 
 def traces(args, paths: dict[str, str], trace_dir: str) -> dict:
     """Profile decode steps at batch B (and 1) and one prefill per model, one model at a
-    time, on an engine with CUDA graphs off (the same kernels, launched one by one: the
-    engines' profilers do not see the kernels inside a graph replay)."""
+    time, on an engine with CUDA graphs off (the same kernels, launched one by one, so every
+    kernel is seen whatever the profiler makes of graph replays)."""
     import steptrace as tr
 
     out = {}

@@ -1,7 +1,7 @@
 """fp8 weight quantization as the engines serve it, applied to the float64 reference.
 
-vLLM's and SGLang's ``quantization="fp8"`` on an unquantized checkpoint quantize every
-decoder linear (and the tied head's scale_up) at load: one float8_e4m3fn weight per fused
+vLLM's ``quantization="fp8"`` on an unquantized checkpoint (SGLang's follows the same scheme;
+not yet run there) quantizes every decoder linear (and the tied head's scale_up) at load: one float8_e4m3fn weight per fused
 layer (q/k/v as qkv, gate/up as gate_up) with one per-tensor scale, and each input
 dynamically, one scale per call (max |x| / 448).  The embedding, the conv and the lm_head
 stay in the serving dtype.  :func:`emulate` makes the reference compute the same rounding
