@@ -24,11 +24,12 @@ TOL = 1e-3
 # take the other branch where the reference's top-2 margin is under 0.2.
 # fp8 (e4m3: 4 significant bits) weights or KV cache: rounding the reference's own decoder
 # linears as the engines do (tests/fp8.py, per-tensor scales) moves its chosen-token logprobs
-# by up to 0.54 and changes its greedy path where the top-2 margin is up to 0.58 (tied F=16
-# k=3, all situations, on CPU).  An engine cannot reproduce the reference's rounding exactly
-# (a step's input scale is shared by the requests batched with it), so an fp8 run may differ
-# by that much: 0.55 in logprob, the other branch under a margin of 0.6.
-RULES = {"float32": (TIE, TOL), "bfloat16": (0.2, 0.15), "fp8": (0.6, 0.55)}
+# by up to 0.74 and changes its greedy path where the top-2 margin is up to 0.66 (the parity
+# matrix's 24 cells: `nox -s parity-reference -- --fp8` against the plain reference, on CPU).
+# An engine cannot reproduce the reference's rounding exactly (a step's input scale is shared
+# by the requests batched with it), so an fp8 run may differ by that much: 0.75 in logprob,
+# the other branch under a margin of 0.7.
+RULES = {"float32": (TIE, TOL), "bfloat16": (0.2, 0.15), "fp8": (0.7, 0.75)}
 
 
 def rule_key(meta: dict) -> str:
