@@ -126,7 +126,8 @@ def engine_settings(args, **over):
     return drivers.Settings(**dict(
         dtype=args.dtype, max_len=args.max_model_len, max_batch=args.batch, mem=args.gpu_mem / 2,
         prefix_cache=False, dummy=True, kv_cache_dtype=args.kv_cache_dtype, eager=False,
-        quantization=args.quantization, chunk=args.chunk, detokenize=False, **over))
+        quantization=args.quantization, chunk=args.chunk, detokenize=False, passes=tuple(args.vllm_pass),
+        **over))
 
 
 def measurements(args) -> list[tuple[str, str, int, int]]:
@@ -332,6 +333,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--quantization", help="weight quantization of both models, e.g. fp8")
     ap.add_argument("--chunk", type=int, help="prefill token budget per engine step (both models)")
+    ap.add_argument("--vllm-pass", action="append", default=[], metavar="NAME",
+                    help="switch on a vLLM compile pass for both models (pass_config), e.g. enable_qk_norm_rope_fusion")
     ap.add_argument("--prefill-n", type=int, default=256)
     ap.add_argument("--prefill-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=256)

@@ -42,6 +42,7 @@ class Settings:
     quantization: str | None = None  # the engine's weight quantization method, e.g. "fp8"
     lora_rank: int | None = None  # serve LoRA adapters up to this rank (generate(..., lora=DIR))
     detokenize: bool = True  # off: token ids only (benchmarks: text is not their business)
+    passes: tuple[str, ...] = ()  # vLLM compile passes to switch on (pass_config), e.g. enable_qk_norm_rope_fusion
 
 
 def _record(prompt: Request, tokens, top, cached) -> dict:
@@ -75,6 +76,8 @@ class VLLMDriver:
             kwargs["gpu_memory_utilization"] = s.mem or 0.3
             if not s.graphs:
                 kwargs["compilation_config"] = {"cudagraph_mode": "NONE"}
+        if s.passes:
+            kwargs.setdefault("compilation_config", {})["pass_config"] = {p: True for p in s.passes}
         if s.profile_dir:
             kwargs["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": s.profile_dir,
                                          "torch_profiler_with_stack": False, "torch_profiler_use_gzip": False}
@@ -139,6 +142,8 @@ class SGLangDriver:
             kwargs["quantization"] = s.quantization
         if not s.detokenize:
             kwargs["skip_tokenizer_init"] = True
+        if s.passes:
+            raise ValueError(f"compile passes {s.passes} are vLLM's; SGLang has none of that name")
         if cuda_available():
             # the packed SGLang 0.5.16 has no FA3 (its Hopper default): flashinfer exists everywhere
             kwargs.update(attention_backend="flashinfer", mem_fraction_static=s.mem or 0.3)

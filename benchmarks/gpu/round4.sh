@@ -8,6 +8,10 @@ $G install sglang > /root/results/install-sglang.txt 2>&1
 CONVGPT_PARITY_GEOMETRIES=tied-F16-k3,untied-F36-k5-kv1 $G parity sglang - parity_sglang_h200_bf16_r4
 CONVGPT_PARITY_GEOMETRIES=tied-F16-k3 CONVGPT_PARITY_QUANT=fp8 $G parity sglang - parity_sglang_h200_fp8
 CONVGPT_PARITY_GEOMETRIES=tied-F16-k3 CONVGPT_PARITY_KV=fp8_e4m3 $G parity sglang - parity_sglang_h200_kvfp8
+# vLLM's optional q/k-norm + RoPE fusion pass on both models: does it fire on ConvGPT (kernels
+# per step down by one per layer, as on the twin), and what does it give
+$G e2e vllm - e2e_vllm_h200_qknormrope --rounds 5 --decode-tokens 128 --vllm-pass enable_qk_norm_rope_fusion \
+  --trace /root/trace-vllm-qk
 # vLLM fp8 weights: the embeddings cell too (multiprocess engine), then speed
 CONVGPT_PARITY_GEOMETRIES=tied-F16-k3 CONVGPT_PARITY_QUANT=fp8 $G parity vllm - parity_vllm_h200_fp8_r4
 $G e2e vllm - e2e_vllm_h200_fp8 --rounds 5 --decode-tokens 128 --quantization fp8
