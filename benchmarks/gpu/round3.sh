@@ -4,10 +4,7 @@ G="bash benchmarks/gpu/gpu.sh"
 $G stage .gpu/sglang/part-1 /root/stage-sgl
 $G install sglang > /root/results/install-sglang.txt 2>&1 &   # CPU work beside the tiny fp8 runs
 # fp8 weights and fp8 KV cache through vLLM (compiled, CUDA graphs), stacks dumped if they hang
-export CONVGPT_PARITY_GEOMETRIES=tied-F16-k3 DUMP_AFTER=75 PARITY_TIMEOUT=170
-CONVGPT_PARITY_QUANT=fp8 $G parity vllm - parity_vllm_h200_fp8
-[ -f /root/results/parity_vllm_h200_fp8.json ] && CONVGPT_PARITY_KV=fp8 $G parity vllm - parity_vllm_h200_kvfp8
-unset CONVGPT_PARITY_GEOMETRIES DUMP_AFTER PARITY_TIMEOUT
+bash benchmarks/gpu/fp8-probe.sh
 wait
 # interleaved ConvGPT / twin, decode traces (graphs off: kernels; graphs on: the host side)
 $G e2e vllm - e2e_vllm_h200_r3 --rounds 5 --decode-tokens 128 --trace /root/trace-vllm
