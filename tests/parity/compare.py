@@ -85,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         return json.loads(path.read_text())
 
     runs = {e: load(e) for e in args.engines}
-    refs = {e: load("reference-fp8" if runs[e]["meta"].get("quantization") == "fp8" else "reference")["results"]
-            for e in args.engines}
+    ref_names = {e: "reference-fp8" if runs[e]["meta"].get("quantization") == "fp8" else "reference"
+                 for e in args.engines}
+    loaded = {name: load(name)["results"] for name in set(ref_names.values())}
+    refs = {e: loaded[name] for e, name in ref_names.items()}
     headers = ["cell"] + [f"{e} ({runs[e]['meta'].get('dtype')})" for e in args.engines]
     if len(args.engines) == 2:
         headers.append(" vs ".join(args.engines))
