@@ -147,7 +147,7 @@ def reliability(session: nox.Session, engine: str) -> None:
 @nox.session(name="parity-reference")
 def parity_reference(session: nox.Session) -> None:
     """The parity matrix through the float64 reference: build/parity/reference.json
-    (`-- --fp8`: with the engines' fp8 weight rounding, reference-fp8.json)."""
+    (`-- --fp8`: instead, with each engine's fp8 weight rounding, reference-fp8-{tensor,channel}.json)."""
     session.install(CORE_TORCH)
     session.install("-e", ".")
     session.run("python", f"{PARITY}/run_reference.py", *session.posargs, env={"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests")})

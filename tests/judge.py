@@ -23,13 +23,14 @@ TOL = 1e-3
 # 0.09 (H100/H200 runs, both engines); so a bf16 run may differ by 0.15 in logprob and may
 # take the other branch where the reference's top-2 margin is under 0.2.
 # fp8 (e4m3: 4 significant bits) weights or KV cache: rounding the reference's own decoder
-# linears as the engines do (tests/fp8.py, per-tensor scales) moves its chosen-token logprobs
-# by up to 0.74 and changes its greedy path where the top-2 margin is up to 0.66 (the parity
-# matrix's 24 cells: `nox -s parity-reference -- --fp8` against the plain reference, on CPU).
-# An engine cannot reproduce the reference's rounding exactly (a step's input scale is shared
-# by the requests batched with it), so an fp8 run may differ by that much: 0.75 in logprob,
-# the other branch under a margin of 0.7.
-RULES = {"float32": (TIE, TOL), "bfloat16": (0.2, 0.15), "fp8": (0.7, 0.75)}
+# linears as the engines do (tests/fp8.py) moves its chosen-token logprobs by up to 0.74 and
+# changes its greedy path where the top-2 margin is up to 0.66 with vLLM's per-tensor scales;
+# 0.64 and 0.83 with SGLang's per-channel/per-token scales (the parity matrix's 24 cells:
+# `nox -s parity-reference -- --fp8` against the plain reference, on CPU).  An engine cannot
+# reproduce the reference's rounding exactly (bf16 arithmetic around the fp8 GEMMs; with
+# per-tensor scales a step's input scale is shared by the requests batched with it), so an
+# fp8 run may differ by that much: 0.75 in logprob, the other branch under a margin of 0.85.
+RULES = {"float32": (TIE, TOL), "bfloat16": (0.2, 0.15), "fp8": (0.85, 0.75)}
 
 
 def rule_key(meta: dict) -> str:

@@ -24,8 +24,20 @@ def test_quantize_gives_e4m3_values_times_the_scale():
     assert rel.max() <= 2.0**-4  # 3 mantissa bits: half a step, relative
 
 
+def test_row_scales_put_each_rows_largest_value_on_e4m3_max():
+    w = torch.randn(32, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w[3] *= 1e5  # one row far larger: with one scale for all, the others fall to e4m3 subnormals
+    q = fp8.quantize(w, fp8.row_scales(w)) / fp8.row_scales(w)
+    torch.testing.assert_close(q.abs().amax(dim=1), torch.full((32,), fp8.E4M3_MAX, dtype=torch.float64))
+    others = torch.arange(32) != 3
+    err_rows = (fp8.quantize(w, fp8.row_scales(w)) - w)[others].abs().mean()
+    err_tensor = (fp8.quantize(w, fp8.scale_of(w)) - w)[others].abs().mean()
+    assert err_tensor > 10 * err_rows
+
+
 @pytest.mark.parametrize("preset,head", [("tiny", "scale_up"), ("tiny-untied", None)])
-def test_emulation_rounds_the_engines_linears_and_restores_them(models, preset, head):
+@pytest.mark.parametrize("scheme", fp8.SCHEMES)
+def test_emulation_rounds_the_engines_linears_and_restores_them(models, preset, head, scheme):
     m = models[preset]
     groups = fp8.quantized_linears(m)
     fused = [g for gs in groups.values() for g in gs if len(g) > 1]
@@ -38,7 +50,7 @@ def test_emulation_rounds_the_engines_linears_and_restores_them(models, preset, 
     before = {n: p.clone() for n, p in m.named_parameters()}
     with torch.no_grad():
         exact = m(ids).logits
-        with fp8.emulate(m):
+        with fp8.emulate(m, scheme):
             rounded = m(ids).logits
             w = m.model.layers[0].self_attn.q_proj.weight
             assert not torch.equal(w, before["model.layers.0.self_attn.q_proj.weight"])
@@ -47,3 +59,27 @@ def test_emulation_rounds_the_engines_linears_and_restores_them(models, preset, 
     assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
     diff = (rounded - exact).abs().max()
     assert 1e-3 < diff < exact.std()  # moved by the rounding, not turned into noise
+
+
+def test_channel_scheme_rounds_each_token_alone_and_tensor_scheme_per_batch(models):
+    """SGLang's per-token input scales make a request's rounding independent of its batch;
+    vLLM's per-call scale does not (the reason batched fp8 cells cannot match exactly)."""
+    m = models["tiny"]
+    alone = torch.tensor([[5, 77, 300, 12, 9, 401, 33]])
+    batch = torch.cat([alone, torch.tensor([[1, 2, 3, 4, 5, 6, 7]])])
+    with torch.no_grad():
+        moved = {}
+        for scheme in fp8.SCHEMES:
+            with fp8.emulate(m, scheme):
+                moved[scheme] = (m(alone).logits[0] - m(batch).logits[0]).abs().max()
+    assert moved["channel"] < 1e-10  # float64 arithmetic only
+    assert moved["tensor"] > 1e-4  # the other request's activations set some inputs' scale
+
+
+def test_reference_for_a_run_follows_its_engines_scheme():
+    assert fp8.reference_name({"vllm": "0.26.0", "quantization": "fp8"}) == "reference-fp8-tensor"
+    assert fp8.reference_name({"sglang": "0.5.16", "quantization": "fp8"}) == "reference-fp8-channel"
+    assert fp8.reference_name({"sglang": "0.5.16", "quantization": None, "kv_cache_dtype": "fp8"}) == "reference"
+    with pytest.raises(ValueError, match="scheme 'block'"):
+        with fp8.emulate(torch.nn.Linear(2, 2), "block"):
+            pass

@@ -8,7 +8,8 @@ Prints a table (cell x engine) and exits non-zero on any failure.
 
 The tie margin and logprob tolerance follow each run's dtype (``judge.RULES``: 1e-3 for
 float32, wider for bf16 and fp8) unless given.  A run with fp8 weights (``quantization="fp8"``)
-is judged against the reference with the same fp8 rounding (``run_reference.py --fp8``).
+is judged against the reference with its engine's fp8 rounding (``run_reference.py --fp8``,
+``tests/fp8.py``).
 
 Usage: python tests/parity/compare.py [--dir build/parity] [--engines vllm sglang] [--tie T]
        [--logprob-tol T] [--report-only] [--only-present]
@@ -21,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+import fp8
 import judge
 import matrix
 
@@ -85,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return json.loads(path.read_text())
 
     runs = {e: load(e) for e in args.engines}
-    ref_names = {e: "reference-fp8" if runs[e]["meta"].get("quantization") == "fp8" else "reference"
-                 for e in args.engines}
+    ref_names = {e: fp8.reference_name(runs[e]["meta"]) for e in args.engines}
     loaded = {name: load(name)["results"] for name in set(ref_names.values())}
     refs = {e: loaded[name] for e, name in ref_names.items()}
     headers = ["cell"] + [f"{e} ({runs[e]['meta'].get('dtype')})" for e in args.engines]
