@@ -145,8 +145,10 @@ class SGLangDriver:
         if s.passes:
             raise ValueError(f"compile passes {s.passes} are vLLM's; SGLang has none of that name")
         if cuda_available():
-            # the packed SGLang 0.5.16 has no FA3 (its Hopper default): flashinfer exists everywhere
-            kwargs.update(attention_backend="flashinfer", mem_fraction_static=s.mem or 0.3)
+            # the packed SGLang 0.5.16 has no FA3 (its Hopper default): flashinfer exists everywhere,
+            # but its kernels take 16-bit (and fp8) inputs only; float32 runs (the tests) use triton's
+            backend = "triton" if s.dtype == "float32" else "flashinfer"
+            kwargs.update(attention_backend=backend, mem_fraction_static=s.mem or 0.3)
             if s.eager or not s.graphs:
                 kwargs["disable_cuda_graph"] = True
         else:
