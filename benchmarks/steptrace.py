@@ -12,8 +12,8 @@ graphs on say what the host does per step (graph launches, kernels launched outs
 graph, the step's CPU work).
 Per prefill (:func:`op_classes`): GPU time by op class.
 
-Usage: python benchmarks/steptrace.py TRACE.json[.gz] [--prefill]
-       python benchmarks/steptrace.py --diff TRACE_N.json TRACE_1.json N
+Usage: python benchmarks/steptrace.py --diff TRACE_N.json TRACE_1.json N   (decode, per step)
+       python benchmarks/steptrace.py TRACE.json[.gz] --prefill             (a prefill, by op class)
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ import gzip
 import json
 import os
 import re
-import statistics
 import sys
 import time
 
-GAP_US = 150.0
 ATTENTION = re.compile(r"flash|fmha|attn|attention|paged|batchdecode|batchprefill|mha|decode_kernel|prefill_kernel",
                        re.IGNORECASE)
 CLASSES = [  # (class, pattern), first match wins
@@ -124,51 +122,10 @@ def decode_per_step(long: dict, short: dict, steps: int, top: int = 25) -> dict:
         "kernels": (long["kernels"] - short["kernels"]) / steps,
         "attention_share": (long["attention_us"] - short["attention_us"]) / steps / busy if busy > 0 else 0.0,
         "us_by_class": diff(long["by_class"], short["by_class"]),
-        "top_kernels_us": [[n, round(v, 2)] for n, v in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]],
+        "top_kernels_us": [[n, round(v, 2)] for n, v in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]
+                           if round(v, 2) > 0],  # kernels of the prefill alone cancel out
         "runtime_per_step": host("runtime"),  # [name, calls, us]
         "cpu_ops_per_step": host("cpu"),
-    }
-
-
-def steps(ks: list[tuple[float, float, str]], gap_us: float = GAP_US) -> list[tuple[float, list]]:
-    """Kernels grouped into steps at idle gaps > ``gap_us``: [(host gap before, kernels)]."""
-    groups: list[tuple[float, list]] = []
-    end = None
-    for k in ks:
-        if end is None or k[0] - end > gap_us:
-            groups.append((0.0 if end is None else k[0] - end, []))
-        groups[-1][1].append(k)
-        end = max(end or 0.0, k[0] + k[1])
-    return groups
-
-
-def decode_steps(ks: list[tuple[float, float, str]]) -> dict:
-    """Median per-step statistics of a decode window (its first group, the prefill, and the
-    last, the final sampling, are left out)."""
-    return decode_stats(steps(ks)[1:-1] or steps(ks))
-
-
-def decode_stats(groups: list[tuple[float, list]]) -> dict:
-    """Median per-step statistics of steps given as [(host gap before, kernels)]."""
-    if not groups:  # no GPU kernels (a CPU run): nothing to say
-        return {"steps": 0, "busy_ms": 0.0, "kernels": 0, "attention_share": 0.0, "host_gap_ms": 0.0,
-                "us_by_class": {}, "top_kernels_us": []}
-    busy = [sum(k[1] for k in g) for _, g in groups]
-    attn = [sum(k[1] for k in g if ATTENTION.search(k[2])) for _, g in groups]
-    by_class: dict[str, float] = {}
-    by_name: dict[str, float] = {}
-    for _, g in groups:
-        for _, dur, name in g:
-            by_class[op_class(name)] = by_class.get(op_class(name), 0.0) + dur / len(groups)
-            by_name[name] = by_name.get(name, 0.0) + dur / len(groups)
-    return {
-        "steps": len(groups),
-        "busy_ms": statistics.median(busy) / 1e3,
-        "kernels": statistics.median(len(g) for _, g in groups),
-        "attention_share": statistics.median([a / b if b else 0.0 for a, b in zip(attn, busy)]),
-        "host_gap_ms": statistics.median(gap for gap, _ in groups) / 1e3,
-        "us_by_class": by_class,  # mean GPU microseconds per step of each op class
-        "top_kernels_us": [[n[:120], round(v, 2)] for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]],
     }
 
 
@@ -188,40 +145,10 @@ def op_classes(ks: list[tuple[float, float, str]]) -> dict:
             "top_kernels_ms": [[n[:120], round(v, 3)] for n, v in top]}
 
 
-def update(result_json: str, trace_dir: str) -> None:
-    """Recompute the decode-step statistics of an e2e result from its traces (annotated steps)."""
-    data = json.load(open(result_json))
-    for labels in data["result"].get("traces", {}).values():
-        for label, stats in labels.items():
-            if label.startswith("decode"):
-                new = annotated_decode_steps(os.path.join(trace_dir, stats["trace"]))
-                if new:
-                    labels[label] = dict(new, trace=stats["trace"])
-    json.dump(data, open(result_json, "w"), indent=2)
-
-
-def annotated_decode_steps(path: str) -> dict | None:
-    """Decode-step statistics from the engine's per-step GPU annotations (vLLM marks each step
-    ``execute_context_<n>(<tokens>)_generation_<m>(<m>)``; decode-only steps have n = 0): each
-    step is the kernels inside its annotation.  None when the trace has no such annotations."""
-    events = load(path)
-    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
-                   if e.get("cat") == "gpu_user_annotation" and re.match(r"execute_context_0\(0\)_generation_[1-9]",
-                                                                        e.get("name", "")))
-    if not spans:
-        return None
-    ks = sorted((float(e["ts"]), float(e.get("dur", 0.0)), e.get("name", ""))
-                for e in events if e.get("cat") == "kernel" and e.get("ph") == "X")
-    groups = [(0.0, [k for k in ks if lo <= k[0] < hi]) for lo, hi in spans]
-    return decode_stats([g for g in groups if g[1]])
-
-
 if __name__ == "__main__":
-    if sys.argv[1] == "--update":
-        update(sys.argv[2], sys.argv[3])
-        sys.exit()
-    if sys.argv[1] == "--diff":
+    if sys.argv[1] == "--diff" and len(sys.argv) == 5:
         print(json.dumps(decode_per_step(window(sys.argv[2]), window(sys.argv[3]), int(sys.argv[4]) - 1), indent=2))
-        sys.exit()
-    ks = kernels(sys.argv[1])
-    print(json.dumps(op_classes(ks) if "--prefill" in sys.argv else decode_steps(ks), indent=2))
+    elif len(sys.argv) == 3 and sys.argv[2] == "--prefill":
+        print(json.dumps(op_classes(kernels(sys.argv[1])), indent=2))
+    else:
+        sys.exit(__doc__)

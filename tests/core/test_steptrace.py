@@ -1,0 +1,53 @@
+"""The decode-step reader behind the benchmarks' per-step numbers (benchmarks/steptrace.py):
+a step is what a run of N + 1 tokens has beyond a run of 1 token, divided by N."""
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import steptrace  # noqa: E402
+
+PREFILL = [("gemm_big_nvjet", 300.0), ("flash_fwd_prefill", 120.0), ("triton_red_fused_rms_norm", 8.0)]
+STEP = [("nvjet_tst_64x8", 4.0), ("flash_fwd_splitkv", 6.0), ("triton_poi_fused_mul_silu", 1.5),
+        ("triton_per_fused_add_rms_norm", 2.5), ("_gumbel_sample_kernel", 1.0)]
+
+
+def _trace(path: Path, tokens: int) -> str:
+    """A profiler trace of one prefill and ``tokens`` - 1 decode steps, each step launched by one
+    cudaGraphLaunch and annotated with its sizes, as the engines' profilers write them."""
+    events, t = [], 0.0
+    for step in range(tokens):
+        events.append({"ph": "X", "cat": "user_annotation", "name": f"execute_context_0(0)_generation_{step}(1)",
+                       "ts": t, "dur": 50.0})
+        events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": t, "dur": 20.0})
+        for name, dur in PREFILL if step == 0 else STEP:
+            events.append({"ph": "X", "cat": "kernel", "name": name, "ts": t, "dur": dur})
+            t += dur + 1.0
+        t += 30.0
+    path.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    return str(path)
+
+
+def test_decode_step_is_the_difference_of_two_runs_over_the_extra_tokens(tmp_path):
+    step = steptrace.decode_per_step(steptrace.window(_trace(tmp_path / "long.json.gz", 17)),
+                                     steptrace.window(_trace(tmp_path / "short.json.gz", 1)), 16)
+    busy = sum(d for _, d in STEP)
+    assert step["kernels"] == len(STEP)
+    assert abs(step["busy_ms"] - busy / 1e3) < 1e-12
+    assert abs(step["attention_share"] - 6.0 / busy) < 1e-12
+    assert dict(step["top_kernels_us"]) == dict(STEP)
+    assert step["us_by_class"]["gemm"] == 4.0 and step["us_by_class"]["norm"] == 2.5
+    assert step["us_by_class"]["sampling/logits"] == 1.0 and step["us_by_class"]["attention"] == 6.0
+    # one graph launch and one annotated step per step; the annotation's numbers folded into one name
+    assert ["cudaGraphLaunch", 1.0, 20.0] in step["runtime_per_step"]
+    assert ["execute_context_#(#)_generation_#(#)", 1.0, 50.0] in step["cpu_ops_per_step"]
+
+
+def test_prefill_op_classes_cover_every_kernel(tmp_path):
+    ks = steptrace.kernels(_trace(tmp_path / "prefill.json.gz", 1))
+    got = steptrace.op_classes(ks)
+    assert got["kernels"] == len(PREFILL)
+    assert abs(got["total_ms"] - sum(d for _, d in PREFILL) / 1e3) < 1e-12
+    assert got["ms_by_class"] == {"gemm": 0.3, "attention": 0.12, "norm": 0.008}
