@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     def load(name):
         path = args.dir / f"{name}.json"
         if not path.exists():
-            sys.exit(f"missing {path}: run `nox -s parity-{name}` first")
+            how = "parity-reference -- --fp8" if name.startswith("reference-fp8") else f"parity-{name}"
+            sys.exit(f"missing {path}: run `nox -s {how}` first")
         return json.loads(path.read_text())
 
     runs = {e: load(e) for e in args.engines}
