@@ -13,7 +13,9 @@ parity files store and :mod:`judge` compares.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 
@@ -51,9 +53,6 @@ def _record(prompt: Request, tokens, top, cached) -> dict:
 
 class VLLMDriver:
     def __init__(self, path: str, s: Settings) -> None:
-        import os
-        from unittest import mock
-
         from vllm import LLM
 
         cuda = cuda_available()
@@ -120,8 +119,6 @@ class VLLMDriver:
 
 class SGLangDriver:
     def __init__(self, path: str, s: Settings) -> None:
-        import os
-
         import sglang as sgl
 
         if s.profile_dir:  # read by the scheduler process SGLang starts
