@@ -238,6 +238,13 @@ def bench_gemm(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_gemm.py", *session.posargs)
 
 
+@nox.session(name="bench-norm-linear", default=False)
+def bench_norm_linear(session: nox.Session) -> None:
+    """Fused add + RMSNorm + linear (+ SwiGLU) vs the engine's kernels, per decode batch (CUDA)."""
+    session.install("-e", ".", "triton")
+    session.run("python", "benchmarks/bench_norm_linear.py", *session.posargs)
+
+
 @nox.session(default=False)
 def roofline(session: nox.Session) -> None:
     """Recorded H100 runs against their bytes/FLOPs floors (no GPU needed)."""

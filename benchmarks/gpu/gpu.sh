@@ -6,7 +6,8 @@
 #   gpu.sh stage PART_DIR [DEST]    copy one part's files into DEST (/root/stage)
 #   gpu.sh install [vllm|sglang]    assemble the engine (/root/site-vllm, /root/site-sgl from
 #                                   /root/stage, /root/stage-sgl) and install this project
-#   gpu.sh kernels OUT              kernel tests on the GPU + compressor micro-benchmark
+#   gpu.sh kernels OUT              kernel tests on the GPU + compressor and norm_linear
+#                                   micro-benchmarks
 #   gpu.sh parity ENGINE OUT NAME   the parity matrix through ENGINE (bf16, torch.compile + CUDA
 #                                   graphs; CONVGPT_PARITY_{GEOMETRIES,KV,QUANT,EAGER} as in
 #                                   tests/parity/run_engine.py) -> OUT/NAME.json; compared with the
@@ -38,7 +39,8 @@ case "$step" in
     out=$1
     export PYTHONPATH=$PWD/src:$PWD/tests
     python3 -m pytest -q tests/core/test_kernels.py -p no:cacheprovider 2>&1 | tail -5 | tee "$out/kernel_tests.txt"
-    python3 benchmarks/bench_compressor.py --out "$out/compressor.json" 2>&1 | tee "$out/compressor.txt" ;;
+    python3 benchmarks/bench_compressor.py --out "$out/compressor.json" 2>&1 | tee "$out/compressor.txt"
+    python3 benchmarks/bench_norm_linear.py --out "$out" 2>&1 | tail -30 ;;
   parity)
     engine=$1 out=$2 name=$3
     export PYTHONPATH=$(site "$engine"):$PWD/tests CONVGPT_PARITY_DIR=/root/parity-$name CONVGPT_PARITY_DTYPE=bfloat16

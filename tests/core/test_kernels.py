@@ -334,3 +334,151 @@ def test_gpu_compress_under_torch_compile(gpu):
     for n in (4, 33):
         got = fn(x[:n].to("cuda", torch.bfloat16))
         torch.testing.assert_close(got.double().cpu(), want[:n], rtol=2e-2, atol=2e-2)
+
+
+# --------------------------------------------------------------------------------------
+# norm_linear: residual add + RMSNorm + the linear after it (+ SwiGLU), one kernel
+
+from convgpt_core import norm_linear as nl  # noqa: E402
+
+
+def _nl_reference(x, r, nw, eps, w, swiglu):
+    """float64, written from SPEC.md's decoder layer: s = x + r; RMSNorm(s) * weight; the
+    linear; SiLU(gate) * up for the merged gate/up weight (gate rows first)."""
+    s = x if r is None else x + r
+    h = s / torch.sqrt((s * s).mean(-1, keepdim=True) + eps) * nw
+    y = h @ w.T
+    if swiglu:
+        n = w.shape[0] // 2
+        gate, up = y[..., :n], y[..., n:]
+        y = gate / (1 + torch.exp(-gate)) * up
+    return y, s
+
+
+@functools.cache
+def _nl_case(M: int, K: int, N: int, swiglu: bool, seed: int = 0):
+    """Inputs exactly representable in bfloat16 (float64 tensors) and the float64 result."""
+    gen = torch.Generator().manual_seed(seed + M * 7 + K * 13 + N)
+    rows = 2 * N if swiglu else N
+    x = torch.randn(M, K, generator=gen).to(torch.bfloat16).double()
+    r = (torch.randn(M, K, generator=gen) * 3).to(torch.bfloat16).double()
+    nw = (1 + 0.3 * torch.randn(K, generator=gen)).to(torch.bfloat16).double()
+    w = (torch.randn(rows, K, generator=gen) * K**-0.5).to(torch.bfloat16).double()
+    return x, r, nw, w
+
+
+NL_TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def _nl_check(dtype, device, M, K, N, swiglu, residual, **tiles):
+    x, r, nw, w = _nl_case(M, K, N, swiglu)
+    want_y, want_s = _nl_reference(x, r if residual else None, nw, 1e-6, w, swiglu)
+    to = dict(device=device, dtype=dtype)
+    y, s = nl.norm_linear_triton(x.to(**to), r.to(**to) if residual else None, nw.to(**to), 1e-6, w.to(**to),
+                                 swiglu, **tiles)
+    assert y.shape == (M, N) and y.dtype == dtype and bool(torch.isfinite(y).all())
+    tol = NL_TOL[dtype]
+    torch.testing.assert_close(y.double().cpu(), want_y, rtol=tol, atol=tol)
+    if residual:  # the stream is stored in the model dtype, rounded as torch rounds the sum
+        want = x.to(dtype) + r.to(dtype)
+        if device == "cuda":
+            assert torch.equal(s.cpu(), want)
+        else:  # Triton's interpreter casts float32 to bfloat16 by truncation: one unit off
+            torch.testing.assert_close(s, want, rtol=2**-7, atol=0)
+    else:
+        assert s is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("swiglu", [False, True], ids=["linear", "swiglu"])
+@pytest.mark.parametrize("residual", [True, False], ids=["add", "noadd"])
+@pytest.mark.parametrize("M,K,N", [(1, 144, 96), (7, 64, 48), (33, 144, 80), (70, 256, 40)])
+def test_norm_linear_matches_float64(interp, M, K, N, swiglu, residual, dtype):
+    _nl_check(dtype, "cpu", M, K, N, swiglu, residual)
+
+
+@pytest.mark.parametrize("tiles", [dict(block_m=32, block_n=16), dict(block_m=16, block_n=64, num_warps=8)],
+                         ids=["m32-n16", "m16-n64"])
+def test_norm_linear_tile_options(interp, tiles):
+    _nl_check(torch.float32, "cpu", 33, 144, 80, True, True, **tiles)
+
+
+def test_norm_linear_tiles_spread_decode_rows_over_the_gpu():
+    # a decode step's few rows: narrow column blocks, so q+k+v (4096 columns) and gate/up
+    # (3072) give 96-128 programs, most of an H100's / H200's 132 SMs
+    for M in (1, 8, 16):
+        for N, swiglu in ((4096, False), (3072, True)):
+            bm, bn, _ = nl._tiles(M, swiglu)
+            assert bm == 16 and triton.cdiv(N, bn) >= 96
+
+
+def test_norm_linear_rejects_mismatched_shapes(interp):
+    x, r, nw, w = _nl_case(3, 144, 40, True)
+    f = torch.float32
+    with pytest.raises(ValueError, match="do not fit"):
+        nl.norm_linear_triton(x.to(f)[:, :100], None, nw.to(f), 1e-6, w.to(f))
+    with pytest.raises(ValueError, match="do not fit"):
+        nl.norm_linear_triton(x.to(f), r.to(f)[:2], nw.to(f), 1e-6, w.to(f))
+    with pytest.raises(ValueError, match="gate and up"):
+        nl.norm_linear_triton(x.to(f), None, nw.to(f), 1e-6, w.to(f)[:79], swiglu=True)
+
+
+def test_norm_linear_dispatch(monkeypatch):
+    x, r, nw, w = _nl_case(5, 144, 40, True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not nl.norm_linear_available(x.float(), w.float())  # CPU without the interpreter
+    want_y, want_s = _nl_reference(x, r, nw, 1e-6, w, True)
+    y, s = nl.norm_linear(x, r, nw, 1e-6, w, swiglu=True)  # float64: the torch path
+    torch.testing.assert_close(y, want_y)
+    torch.testing.assert_close(s, want_s)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert nl.norm_linear_available(x.float(), w.float()) == kernels.triton_available()
+    assert not nl.norm_linear_available(x.float(), w.bfloat16())  # weight in another dtype
+    assert not nl.norm_linear_available(torch.zeros(2, 1024), torch.zeros(8, 1024))  # rows too wide
+    many = torch.zeros(nl.MAX_ROWS + 1, 144)
+    assert not nl.norm_linear_available(many, w.float())  # prefill-sized: the engine's kernels
+    assert nl.norm_linear_available(many, w.float(), any_rows=True) == kernels.triton_available()
+
+
+def test_norm_linear_rows_pick_kernel_or_torch(interp, monkeypatch):
+    """Decode-sized inputs run the kernel, larger ones torch's ops; both give the result."""
+    calls = []
+    kernel = nl.norm_linear_triton
+    monkeypatch.setattr(nl, "norm_linear_triton", lambda *a, **k: calls.append(a[0].shape[0]) or kernel(*a, **k))
+    for M in (nl.MAX_ROWS, nl.MAX_ROWS + 1):
+        x, r, nw, w = _nl_case(M, 144, 40, True)
+        f = torch.float32
+        y, s = nl.norm_linear(x.to(f), r.to(f), nw.to(f), 1e-6, w.to(f), swiglu=True)
+        want_y, want_s = _nl_reference(x, r, nw, 1e-6, w, True)
+        torch.testing.assert_close(y.double(), want_y, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(s.double(), want_s)
+    assert calls == [nl.MAX_ROWS]
+
+
+def test_norm_linear_under_torch_compile(interp):
+    """The adapters call it inside vLLM's compiled forward: opaque to Dynamo, both results."""
+    x, r, nw, w = _nl_case(9, 144, 40, True)
+    f = torch.float32
+    torch._dynamo.reset()
+    fn = torch.compile(lambda a, b: nl.norm_linear(a, b, nw.to(f), 1e-6, w.to(f), True), fullgraph=True,
+                       backend="aot_eager")
+    big = _nl_case(nl.MAX_ROWS + 3, 144, 40, True)
+    for a, b in ((x[:4], r[:4]), (x, r), big[:2]):  # the last one: torch's ops inside the op
+        want_y, want_s = _nl_reference(a, b, nw, 1e-6, w, True)
+        y, s = fn(a.to(f), b.to(f))
+        torch.testing.assert_close(y.double(), want_y, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(s.double(), want_s)
+    fn = torch.compile(lambda a: nl.norm_linear(a, None, nw.to(f), 1e-6, w.to(f), True), fullgraph=True,
+                       backend="aot_eager")
+    y, s = fn(x.to(f))
+    assert s is None
+    torch.testing.assert_close(y.double(), _nl_reference(x, None, nw, 1e-6, w, True)[0], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("swiglu", [False, True], ids=["linear", "swiglu"])
+@pytest.mark.parametrize("M", [1, 16, 100, 256, 2048])
+def test_gpu_norm_linear_matches_float64(gpu, M, swiglu, dtype):
+    # the published geometry's shapes: D = 144 into q+k+v (4096) or gate/up (2 x 3072)
+    _nl_check(dtype, "cuda", M, 144, 3072 if swiglu else 4096, swiglu, True)
+    _nl_check(dtype, "cuda", M, 144, 3072 if swiglu else 4096, swiglu, False)

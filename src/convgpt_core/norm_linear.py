@@ -1,0 +1,283 @@
+"""Residual add + RMSNorm + the linear that reads the D-wide stream, as one Triton kernel.
+
+Every decoder layer reads its D-wide residual stream twice, each time as
+``rmsnorm(h + residual) @ W.T``: into ``qkv_proj`` (W: q+k+v rows x D) and into the MLP's
+merged ``gate_up_proj`` (W: 2*inner rows x D), whose output goes straight into SiLU(gate)*up.
+An engine runs that as three or four kernels (fused add+norm, GEMM, activation), each a
+few microseconds at decode batch sizes, where the GEMM itself reads ~1 MB.  Because K = D is
+small (144 in the published model), one program can hold whole rows of the stream: every
+program of :func:`norm_linear` loads its ``BLOCK_M`` rows of ``h`` (+ ``residual``), forms
+the sum (rounded to the model dtype, as the engines' fused add+norm store it), writes it out
+once (the programs of the first column block), normalises the rows in registers, and
+multiplies them by its ``BLOCK_N`` rows of W on tensor cores; with ``swiglu`` it also takes
+the matching rows of the "up" half of W and writes ``silu(gate) * up`` directly.  No
+cross-program reduction, no workspace, nothing to reset between calls: CUDA graphs capture
+it as they capture a GEMM.
+
+Only column-parallel linears qualify (their input is the whole row on every rank), and only
+unquantized ones without LoRA; the adapters check that and otherwise run the engine's own
+layers.  Under ``torch.compile`` the launch is the opaque custom op
+``convgpt::norm_linear``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import _SUPPORTED_DTYPES, _d_blocks, _interpreting, tl, triton
+
+MAX_K = 512  # rows of the stream are held in registers: D up to this width
+# Up to this many rows (tokens) the kernel runs; more take the torch ops (cuBLAS for the GEMM).
+# H200, round 5 (benchmarks/results): at decode sizes the kernel beats the engine's kernels
+# (q+k+v, 1-16 rows: 2.7 vs 4.1 us); at 256 rows a decode step's fused kernels took as long
+# as the engine's, and in a 32 x 1024-token prefill they took 31 of 60 ms GPU time where
+# cuBLAS + the engine's norm and activation kernels had taken ~20.
+MAX_ROWS = 128
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[-1])
+
+
+def norm_linear_available(x: torch.Tensor, weight: torch.Tensor, *, any_rows: bool = False) -> bool:
+    """True when :func:`norm_linear` runs as the Triton kernel for this input and weight
+    (``any_rows``: for inputs of up to :data:`MAX_ROWS` rows; a graph traced once for every
+    batch size passes it and leaves the choice to the custom op, at run time)."""
+    return (
+        triton is not None
+        and (x.is_cuda or _interpreting())
+        and x.dtype in _SUPPORTED_DTYPES
+        and weight.dtype == x.dtype
+        and weight.dim() == 2
+        and x.shape[-1] == weight.shape[1] <= MAX_K
+        and (any_rows or _rows(x) <= MAX_ROWS)
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The kernel
+
+
+def _norm_linear_src(
+    x_ptr, r_ptr, s_ptr, nw_ptr, w_ptr, y_ptr,
+    M, N, stride_x, stride_r, stride_s, stride_w, stride_y,
+    eps,
+    K: tl.constexpr, K_A: tl.constexpr, K_B: tl.constexpr,
+    HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """y[m, n] = rmsnorm(x[m] (+ r[m])) . w[n]  (n < N; with SWIGLU: silu(. w[n]) * (. w[N + n]));
+    s[m] = x[m] + r[m] written by the programs of column block 0.  K is covered by a block of
+    K_A columns plus an optional K_B block (both powers of two), e.g. 144 = 128 + 16."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    rows = offs_m.to(tl.int64)
+
+    offs_a = tl.arange(0, K_A)
+    mask_a = offs_a < K
+    xa = tl.load(x_ptr + rows[:, None] * stride_x + offs_a[None, :], mask=mask_m[:, None] & mask_a[None, :], other=0.0)
+    if HAS_RES:
+        ra = tl.load(r_ptr + rows[:, None] * stride_r + offs_a[None, :], mask=mask_m[:, None] & mask_a[None, :], other=0.0)
+        xa = (xa.to(tl.float32) + ra.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        if pid_n == 0:
+            tl.store(s_ptr + rows[:, None] * stride_s + offs_a[None, :], xa, mask=mask_m[:, None] & mask_a[None, :])
+    xa = xa.to(tl.float32)
+    sq = tl.sum(xa * xa, axis=1)
+    if K_B > 0:
+        offs_b = K_A + tl.arange(0, K_B)
+        mask_b = offs_b < K
+        xb = tl.load(x_ptr + rows[:, None] * stride_x + offs_b[None, :], mask=mask_m[:, None] & mask_b[None, :], other=0.0)
+        if HAS_RES:
+            rb = tl.load(r_ptr + rows[:, None] * stride_r + offs_b[None, :], mask=mask_m[:, None] & mask_b[None, :], other=0.0)
+            xb = (xb.to(tl.float32) + rb.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            if pid_n == 0:
+                tl.store(s_ptr + rows[:, None] * stride_s + offs_b[None, :], xb, mask=mask_m[:, None] & mask_b[None, :])
+        xb = xb.to(tl.float32)
+        sq += tl.sum(xb * xb, axis=1)
+    rstd = 1.0 / tl.sqrt(sq / K + eps)
+
+    # normalise and scale in float32, round to the weights' dtype for the tensor-core dots
+    dot_ty = tl.float32 if UPCAST else w_ptr.dtype.element_ty
+    na = tl.load(nw_ptr + offs_a, mask=mask_a, other=0.0).to(tl.float32)
+    xa = (xa * rstd[:, None] * na[None, :]).to(w_ptr.dtype.element_ty).to(dot_ty)
+    if K_B > 0:
+        nb = tl.load(nw_ptr + offs_b, mask=mask_b, other=0.0).to(tl.float32)
+        xb = (xb * rstd[:, None] * nb[None, :]).to(w_ptr.dtype.element_ty).to(dot_ty)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    cols = offs_n.to(tl.int64)
+    wa = tl.load(w_ptr + cols[None, :] * stride_w + offs_a[:, None], mask=mask_a[:, None] & mask_n[None, :], other=0.0)
+    acc = tl.dot(xa, wa.to(dot_ty), input_precision=PRECISION)
+    if K_B > 0:
+        wb = tl.load(w_ptr + cols[None, :] * stride_w + offs_b[:, None], mask=mask_b[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(xb, wb.to(dot_ty), acc, input_precision=PRECISION)
+    if SWIGLU:
+        up_cols = cols + N
+        ua = tl.load(w_ptr + up_cols[None, :] * stride_w + offs_a[:, None], mask=mask_a[:, None] & mask_n[None, :], other=0.0)
+        up = tl.dot(xa, ua.to(dot_ty), input_precision=PRECISION)
+        if K_B > 0:
+            ub = tl.load(w_ptr + up_cols[None, :] * stride_w + offs_b[:, None], mask=mask_b[:, None] & mask_n[None, :], other=0.0)
+            up = tl.dot(xb, ub.to(dot_ty), up, input_precision=PRECISION)
+        acc = acc * tl.sigmoid(acc) * up
+    tl.store(y_ptr + rows[:, None] * stride_y + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+_KERNELS: dict[bool, Any] = {}
+
+
+def _kernel():
+    interp = _interpreting()
+    k = _KERNELS.get(interp)
+    if k is None:
+        k = _KERNELS[interp] = triton.jit(_norm_linear_src)
+    return k
+
+
+@functools.cache
+def _tiles(M: int, swiglu: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): a fixed heuristic, from the column-block sweep of
+    ``benchmarks/bench_norm_linear.py`` on an H200 (D = 144, N = 4096 and 2 x 3072).  Rows
+    in tiles of 16 (the tensor-core minimum) up to 64.  Up to 32 rows, 32-wide column
+    blocks spread the weight reads over the most SMs (q+k+v: 128 programs for one row);
+    wider blocks win from 64 rows on (64 for SwiGLU, whose programs read two blocks)."""
+    bm = 16 if M <= 16 else 32 if M <= 64 else 64
+    bn = 32 if M <= 32 else 64 if (M <= 128 or swiglu) else 128
+    warps = 8 if bm * bn * (2 if swiglu else 1) >= 8192 else 4
+    return bm, bn, warps
+
+
+def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, block_m, block_n, num_warps):
+    M, K = x2.shape
+    N = y2.shape[1]
+    k_a, k_b = _d_blocks(K)
+    bm, bn, nw = _tiles(M, swiglu)
+    bm, bn, nw = block_m or bm, block_n or bn, num_warps or nw
+    upcast = _interpreting() and x2.dtype != torch.float32  # the interpreter multiplies 16-bit tiles as integers
+    precision = "ieee" if x2.dtype == torch.float32 or upcast else "tf32"
+    has_res = r2 is not None
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _kernel()[grid](
+        x2, r2 if has_res else x2, s2 if has_res else x2, norm_weight, weight, y2,
+        M, N, x2.stride(0), r2.stride(0) if has_res else 0, s2.stride(0) if has_res else 0,
+        weight.stride(0), y2.stride(0), float(eps),
+        K=K, K_A=k_a, K_B=k_b, HAS_RES=has_res, SWIGLU=swiglu, BLOCK_M=bm, BLOCK_N=bn,
+        PRECISION=precision, UPCAST=upcast, num_warps=nw, num_stages=1,
+    )
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def norm_linear_triton(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    swiglu: bool = False,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernel launch behind :func:`norm_linear` (same arguments and results); the
+    keyword tile settings override the heuristic (benchmarks, tests)."""
+    if triton is None:  # pragma: no cover
+        raise RuntimeError("norm_linear_triton needs triton")
+    K = weight.shape[1]
+    if x.shape[-1] != K or (residual is not None and residual.shape != x.shape):
+        raise ValueError(
+            f"norm_linear: x {tuple(x.shape)}, residual {None if residual is None else tuple(residual.shape)} "
+            f"and weight {tuple(weight.shape)} do not fit"
+        )
+    if swiglu and weight.shape[0] % 2:
+        raise ValueError(f"norm_linear: a SwiGLU weight stacks gate and up rows, got {weight.shape[0]} rows")
+    N = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    lead = x.shape[:-1]
+    y = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
+    s = None if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    if y.numel() == 0:
+        return y, s
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    _launch(_as_rows(x), None if residual is None else _as_rows(residual), None if s is None else s.view(-1, K),
+            norm_weight.to(x.dtype), weight, y.view(-1, N), eps, swiglu, block_m, block_n, num_warps)
+    return y, s
+
+
+def norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu=False):
+    """The same computation in torch ops (any device and dtype): what the kernel fuses."""
+    s = None if residual is None else x + residual
+    h = F.rms_norm(x if s is None else s, (x.shape[-1],), norm_weight.to(x.dtype), eps)
+    y = F.linear(h.to(weight.dtype), weight)
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y, s
+
+
+def _kernel_or_torch(x, residual, norm_weight, eps, weight, swiglu):
+    if _rows(x) <= MAX_ROWS:
+        return norm_linear_triton(x, residual, norm_weight, eps, weight, swiglu)
+    return norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu)
+
+
+# --------------------------------------------------------------------------------------
+# The opaque custom op for torch.compile, and the dispatch the adapters call
+
+
+def _op_impl(x, residual, norm_weight, eps, weight, swiglu):
+    y, s = _kernel_or_torch(x, residual, norm_weight, eps, weight, swiglu)
+    return y, (x.new_empty(0) if s is None else s)
+
+
+def _op_fake(x, residual, norm_weight, eps, weight, swiglu):
+    n = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    y = x.new_empty(*x.shape[:-1], n)
+    return y, (x.new_empty(0) if residual is None else torch.empty_like(x))
+
+
+_HAVE_OP = False
+if triton is not None and hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
+    try:
+        _op = torch.library.custom_op(
+            "convgpt::norm_linear", _op_impl, mutates_args=(),
+            schema="(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor weight, bool swiglu)"
+                   " -> (Tensor, Tensor)",
+        )
+        _op.register_fake(_op_fake)
+        _HAVE_OP = True
+    except RuntimeError:  # pragma: no cover - already registered (module re-executed)
+        _HAVE_OP = hasattr(torch.ops.convgpt, "norm_linear")
+
+
+def norm_linear(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    swiglu: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(y, s)``: ``s = x + residual`` (None without a residual) and
+    ``y = rmsnorm(s or x) * norm_weight @ weight.T``; with ``swiglu`` the weight stacks the
+    gate rows over the up rows and ``y = silu(gate) * up``.  One Triton kernel where
+    :func:`norm_linear_available` (up to :data:`MAX_ROWS` rows; chosen at run time inside
+    the custom op when compiled), the torch ops elsewhere."""
+    if not norm_linear_available(x, weight, any_rows=True):
+        return norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu)
+    if _HAVE_OP and torch.compiler.is_compiling():
+        y, s = torch.ops.convgpt.norm_linear(x, residual, norm_weight, float(eps), weight, swiglu)
+        return y, (None if residual is None else s)
+    return _kernel_or_torch(x, residual, norm_weight, eps, weight, swiglu)
