@@ -21,11 +21,13 @@ from sglang.srt.distributed.parallel_state import get_pp_group, get_tensor_model
 from sglang.srt.layers.activation import SiluAndMul
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.linear import (
+    LinearBase,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
 )
 from sglang.srt.layers.logits_processor import LogitsProcessor
+from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.layers.utils import PPMissingLayer
@@ -41,10 +43,16 @@ from convgpt_core.compressor import CausalConvPool, ScaleNorm, after_loading
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 from convgpt_core.kernels import compress, warm_up
 from convgpt_core.lora import fused_linear_dims
+from convgpt_core.norm_linear import norm_linear, norm_linear_available
 
 
 def _prefix(prefix: str, name: str) -> str:
     return add_prefix(name, prefix)  # SGLang's helper takes (name, prefix)
+
+
+def _plain(linear: nn.Module) -> bool:
+    """An engine linear with its weight as loaded: not quantized, not wrapped for LoRA."""
+    return isinstance(linear, LinearBase) and isinstance(linear.quant_method, UnquantizedLinearMethod)
 
 
 class ConvGPTMLP(nn.Module):
@@ -95,6 +103,9 @@ class ConvGPTAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         qkv, _ = self.qkv_proj(h)
+        return self.attend(positions, qkv, forward_batch)
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # SGLang's Qwen3 path: one fused in-place q/k RMSNorm kernel on CUDA (per-head norm
         # otherwise); the generic RMSNorm over 128-wide rows was a third of prefill time.
@@ -113,7 +124,23 @@ class ConvGPTDecoderLayer(nn.Module):
         self.norm1 = RMSNorm(D, eps=DECODER_NORM_EPS)
         self.norm2 = RMSNorm(D, eps=DECODER_NORM_EPS)
 
+    def fusable(self, h: torch.Tensor) -> bool:
+        """Whether both norms run fused with the linear after them (``norm_linear``): plain
+        unquantized weights (no LoRA wrapper, no fp8), a device the kernel runs on, and a
+        decode-sized batch (larger ones keep SGLang's fused norm, cuBLAS and SiLU*mul)."""
+        qkv, gate_up = self.self_attn.qkv_proj, self.mlp.gate_up_proj
+        return _plain(qkv) and _plain(gate_up) and norm_linear_available(h, qkv.weight)
+
     def forward(self, positions, h, forward_batch, residual):
+        if self.fusable(h):
+            attn, mlp = self.self_attn, self.mlp
+            qkv, s = norm_linear(h, residual, self.norm1.weight, self.norm1.variance_epsilon, attn.qkv_proj.weight)
+            residual = h if s is None else s
+            h = attn.attend(positions, qkv, forward_batch)
+            act, residual = norm_linear(h, residual, self.norm2.weight, self.norm2.variance_epsilon,
+                                        mlp.gate_up_proj.weight, swiglu=True)
+            out, _ = mlp.down_proj(act)
+            return out, residual
         if residual is None:
             residual = h
             h = self.norm1(h)

@@ -26,9 +26,11 @@ from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
+    LinearBase,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
+    UnquantizedLinearMethod,
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.quantization import QuantizationConfig
@@ -53,6 +55,12 @@ from convgpt_core.checkpoint import FUSED_LAYERS, check_served_checkpoint, load_
 from convgpt_core.compressor import CausalConvPool, ScaleNorm, after_loading
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 from convgpt_core.kernels import compress, warm_up
+from convgpt_core.norm_linear import norm_linear, norm_linear_available
+
+
+def _plain(linear: nn.Module) -> bool:
+    """An engine linear with its weight as loaded: not quantized, not wrapped for LoRA."""
+    return isinstance(linear, LinearBase) and isinstance(linear.quant_method, UnquantizedLinearMethod)
 
 
 class ConvGPTMLP(nn.Module):
@@ -113,6 +121,9 @@ class ConvGPTAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(h)
+        return self.attend(positions, qkv)
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # q/k norm per head, written as vLLM's Qwen3 writes it: the graph vLLM's optional
         # q/k-norm + RoPE fusion pass (pass_config.enable_qk_norm_rope_fusion) looks for
@@ -133,7 +144,24 @@ class ConvGPTDecoderLayer(nn.Module):
         self.norm1 = RMSNorm(D, eps=DECODER_NORM_EPS)
         self.norm2 = RMSNorm(D, eps=DECODER_NORM_EPS)
 
+    def fusable(self, h: torch.Tensor) -> bool:
+        """Whether both norms go through ``norm_linear`` with the linear after them: plain
+        unquantized weights (no LoRA wrapper, no fp8) and a device the kernel runs on.  The
+        graph is traced once for every batch size, so the custom op picks the fused kernel
+        (decode-sized batches) or torch's ops (larger ones) when it runs."""
+        qkv, gate_up = self.self_attn.qkv_proj, self.mlp.gate_up_proj
+        return _plain(qkv) and _plain(gate_up) and norm_linear_available(h, qkv.weight, any_rows=True)
+
     def forward(self, positions, h, residual):
+        if self.fusable(h):
+            attn, mlp = self.self_attn, self.mlp
+            qkv, s = norm_linear(h, residual, self.norm1.weight, self.norm1.variance_epsilon, attn.qkv_proj.weight)
+            residual = h if s is None else s
+            h = attn.attend(positions, qkv)
+            act, residual = norm_linear(h, residual, self.norm2.weight, self.norm2.variance_epsilon,
+                                        mlp.gate_up_proj.weight, swiglu=True)
+            out, _ = mlp.down_proj(act)
+            return out, residual
         if residual is None:
             residual = h
             h = self.norm1(h)
