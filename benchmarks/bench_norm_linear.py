@@ -16,6 +16,7 @@ Usage (CUDA): python benchmarks/bench_norm_linear.py --out DIR
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 
@@ -47,6 +48,10 @@ def main() -> None:
 
     from convgpt_core import norm_linear as nl
 
+    def timed(fn, *fn_args, rep: int = 50, **kw) -> float:
+        """us per call, replayed in a CUDA graph"""
+        return do_bench_cudagraph(functools.partial(fn, *fn_args, **kw), rep=rep) * 1e3
+
     dev, dt = torch.device("cuda"), torch.bfloat16
     rows = []
     txt = open(os.path.join(args.out, "norm_linear.txt"), "w")
@@ -70,10 +75,10 @@ def main() -> None:
             y, s = nl.norm_linear_triton(h, r, nw, 1e-6, w, swiglu)
             torch.testing.assert_close(y, want_y, rtol=3e-2, atol=3e-2)
             assert torch.equal(s, want_s)
-            eng = do_bench_cudagraph(lambda: compiled(h, r, nw, w, swiglu), rep=50) * 1e3
-            fused = do_bench_cudagraph(lambda: nl.norm_linear_triton(h, r, nw, 1e-6, w, swiglu), rep=50) * 1e3
-            sweep = {bn: do_bench_cudagraph(lambda: nl.norm_linear_triton(h, r, nw, 1e-6, w, swiglu, block_n=bn),
-                                            rep=30) * 1e3 for bn in (32, 64, 128)}
+            eng = timed(compiled, h, r, nw, w, swiglu)
+            fused = timed(nl.norm_linear_triton, h, r, nw, 1e-6, w, swiglu)
+            sweep = {bn: timed(nl.norm_linear_triton, h, r, nw, 1e-6, w, swiglu, block_n=bn, rep=30)
+                     for bn in (32, 64, 128)}
             tiles = nl._tiles(m, swiglu)
             rows.append(dict(site=name, m=m, n=n, swiglu=swiglu, engine_us=eng, fused_us=fused,
                              fused_by_block_n=sweep, heuristic=tiles))

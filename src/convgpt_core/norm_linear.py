@@ -131,15 +131,42 @@ def _norm_linear_src(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-_KERNELS: dict[bool, Any] = {}
+def _silu_mul_src(g_ptr, y_ptr, M, N, stride_g, stride_y, BLOCK: tl.constexpr):
+    """y[m, n] = silu(g[m, n]) * g[m, N + n], one row block of BLOCK columns per program."""
+    m = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    gate = tl.load(g_ptr + m * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(g_ptr + m * stride_g + N + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_y + offs, (gate * tl.sigmoid(gate) * up).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _kernel():
-    interp = _interpreting()
-    k = _KERNELS.get(interp)
+_KERNELS: dict[tuple[str, bool], Any] = {}
+
+
+def _kernel(src=None):
+    src = src or _norm_linear_src
+    key = (src.__name__, _interpreting())
+    k = _KERNELS.get(key)
     if k is None:
-        k = _KERNELS[interp] = triton.jit(_norm_linear_src)
+        k = _KERNELS[key] = triton.jit(src)
     return k
+
+
+def _silu_mul(y: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of the merged gate/up output in one pass (what the engines' activation
+    kernels do) where Triton runs, torch's two ops elsewhere."""
+    n = y.shape[-1] // 2
+    if triton is None or not (y.is_cuda or _interpreting()) or y.dtype not in _SUPPORTED_DTYPES:
+        gate, up = y.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    g2 = _as_rows(y)
+    out = torch.empty(*y.shape[:-1], n, dtype=y.dtype, device=y.device)
+    if out.numel():
+        block = 1024
+        _kernel(_silu_mul_src)[(g2.shape[0], triton.cdiv(n, block))](
+            g2, out.view(-1, n), g2.shape[0], n, g2.stride(0), n, BLOCK=block, num_warps=4)
+    return out
 
 
 @functools.cache
@@ -217,14 +244,12 @@ def norm_linear_triton(
 
 
 def norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu=False):
-    """The same computation in torch ops (any device and dtype): what the kernel fuses."""
+    """The same computation unfused (any device and dtype): the add, torch's RMSNorm, the
+    GEMM (cuBLAS on CUDA) and a one-pass SiLU*mul: what larger batches run."""
     s = None if residual is None else x + residual
     h = F.rms_norm(x if s is None else s, (x.shape[-1],), norm_weight.to(x.dtype), eps)
     y = F.linear(h.to(weight.dtype), weight)
-    if swiglu:
-        gate, up = y.chunk(2, dim=-1)
-        y = F.silu(gate) * up
-    return y, s
+    return (_silu_mul(y) if swiglu else y), s
 
 
 def _kernel_or_torch(x, residual, norm_weight, eps, weight, swiglu):

@@ -482,3 +482,14 @@ def test_gpu_norm_linear_matches_float64(gpu, M, swiglu, dtype):
     # the published geometry's shapes: D = 144 into q+k+v (4096) or gate/up (2 x 3072)
     _nl_check(dtype, "cuda", M, 144, 3072 if swiglu else 4096, swiglu, True)
     _nl_check(dtype, "cuda", M, 144, 3072 if swiglu else 4096, swiglu, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_norm_linear_many_rows_unfused(gpu, dtype):
+    """Past MAX_ROWS: torch's add, RMSNorm and GEMM, then the one-pass SiLU*mul kernel."""
+    x, r, nw, w = _nl_case(nl.MAX_ROWS * 8 + 5, 144, 3072, True)
+    to = dict(device="cuda", dtype=dtype)
+    y, s = nl.norm_linear(x.to(**to), r.to(**to), nw.to(**to), 1e-6, w.to(**to), swiglu=True)
+    want_y, _ = _nl_reference(x, r, nw, 1e-6, w, True)
+    torch.testing.assert_close(y.double().cpu(), want_y, rtol=NL_TOL[dtype], atol=NL_TOL[dtype])
+    assert torch.equal(s.cpu(), x.to(dtype) + r.to(dtype))
