@@ -14,10 +14,12 @@ the matching rows of the "up" half of W and writes ``silu(gate) * up`` directly.
 cross-program reduction, no workspace, nothing to reset between calls: CUDA graphs capture
 it as they capture a GEMM.
 
-Only column-parallel linears qualify (their input is the whole row on every rank), and only
-unquantized ones without LoRA; the adapters check that and otherwise run the engine's own
-layers.  Under ``torch.compile`` the launch is the opaque custom op
-``convgpt::norm_linear``.
+It pays at decode sizes only: past :data:`MAX_ROWS` rows (prefill chunks) :func:`norm_linear`
+runs the unfused ops instead (torch's add and RMSNorm, the cuBLAS GEMM, a one-pass SiLU*mul
+kernel).  Only column-parallel linears qualify (their input is the whole row on every rank),
+and only unquantized ones without LoRA; the adapters check that and otherwise run the
+engine's own layers.  Under ``torch.compile`` the call is the opaque custom op
+``convgpt::norm_linear``, which chooses by rows when it runs.
 """
 
 from __future__ import annotations
@@ -31,22 +33,23 @@ import torch.nn.functional as F
 from .kernels import _SUPPORTED_DTYPES, _d_blocks, _interpreting, tl, triton
 
 MAX_K = 512  # rows of the stream are held in registers: D up to this width
-# Up to this many rows (tokens) the kernel runs; more take the torch ops (cuBLAS for the GEMM).
-# H200, round 5 (benchmarks/results): at decode sizes the kernel beats the engine's kernels
-# (q+k+v, 1-16 rows: 2.7 vs 4.1 us); at 256 rows a decode step's fused kernels took as long
-# as the engine's, and in a 32 x 1024-token prefill they took 31 of 60 ms GPU time where
-# cuBLAS + the engine's norm and activation kernels had taken ~20.
-MAX_ROWS = 128
+# Up to this many rows (tokens) the kernel runs; more take the unfused ops (cuBLAS for the
+# GEMM).  H200, round 5 (benchmarks/results), the kernel at every size inside vLLM: at batch 1
+# the fused sites took 624 us per step where the engine's norm, GEMM and activation kernels had
+# taken 713; at batch 256 968 us vs 922 (the unfused ops, one kernel more per site than the
+# engine's, would be slower still); in a 32 x 1024-token prefill 31 of 60 ms GPU time, where
+# cuBLAS and the engine's kernels had taken ~20.
+MAX_ROWS = 256
 
 
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[-1])
 
 
-def norm_linear_available(x: torch.Tensor, weight: torch.Tensor, *, any_rows: bool = False) -> bool:
-    """True when :func:`norm_linear` runs as the Triton kernel for this input and weight
-    (``any_rows``: for inputs of up to :data:`MAX_ROWS` rows; a graph traced once for every
-    batch size passes it and leaves the choice to the custom op, at run time)."""
+def norm_linear_available(x: torch.Tensor, weight: torch.Tensor, *, max_rows: int | None = MAX_ROWS) -> bool:
+    """True when :func:`norm_linear` runs as the Triton kernel for this input and weight, and
+    ``x`` has at most ``max_rows`` rows.  ``max_rows=None``: for a graph traced once for every
+    batch size, which leaves the choice by rows to the custom op at run time."""
     return (
         triton is not None
         and (x.is_cuda or _interpreting())
@@ -54,7 +57,7 @@ def norm_linear_available(x: torch.Tensor, weight: torch.Tensor, *, any_rows: bo
         and weight.dtype == x.dtype
         and weight.dim() == 2
         and x.shape[-1] == weight.shape[1] <= MAX_K
-        and (any_rows or _rows(x) <= MAX_ROWS)
+        and (max_rows is None or _rows(x) <= max_rows)
     )
 
 
@@ -299,8 +302,8 @@ def norm_linear(
     ``y = rmsnorm(s or x) * norm_weight @ weight.T``; with ``swiglu`` the weight stacks the
     gate rows over the up rows and ``y = silu(gate) * up``.  One Triton kernel where
     :func:`norm_linear_available` (up to :data:`MAX_ROWS` rows; chosen at run time inside
-    the custom op when compiled), the torch ops elsewhere."""
-    if not norm_linear_available(x, weight, any_rows=True):
+    the custom op when compiled), the unfused ops elsewhere."""
+    if not norm_linear_available(x, weight, max_rows=None):
         return norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu)
     if _HAVE_OP and torch.compiler.is_compiling():
         y, s = torch.ops.convgpt.norm_linear(x, residual, norm_weight, float(eps), weight, swiglu)

@@ -436,8 +436,9 @@ def test_norm_linear_dispatch(monkeypatch):
     assert not nl.norm_linear_available(x.float(), w.bfloat16())  # weight in another dtype
     assert not nl.norm_linear_available(torch.zeros(2, 1024), torch.zeros(8, 1024))  # rows too wide
     many = torch.zeros(nl.MAX_ROWS + 1, 144)
-    assert not nl.norm_linear_available(many, w.float())  # prefill-sized: the engine's kernels
-    assert nl.norm_linear_available(many, w.float(), any_rows=True) == kernels.triton_available()
+    assert not nl.norm_linear_available(many, w.float())  # prefill-sized: the unfused kernels
+    assert not nl.norm_linear_available(many[:9], w.float(), max_rows=8)
+    assert nl.norm_linear_available(many, w.float(), max_rows=None) == kernels.triton_available()
 
 
 def test_norm_linear_rows_pick_kernel_or_torch(interp, monkeypatch):

@@ -148,9 +148,9 @@ class ConvGPTDecoderLayer(nn.Module):
         """Whether both norms go through ``norm_linear`` with the linear after them: plain
         unquantized weights (no LoRA wrapper, no fp8) and a device the kernel runs on.  The
         graph is traced once for every batch size, so the custom op picks the fused kernel
-        (decode-sized batches) or torch's ops (larger ones) when it runs."""
+        (decode-sized batches) or the unfused ops (larger ones) when it runs."""
         qkv, gate_up = self.self_attn.qkv_proj, self.mlp.gate_up_proj
-        return _plain(qkv) and _plain(gate_up) and norm_linear_available(h, qkv.weight, any_rows=True)
+        return _plain(qkv) and _plain(gate_up) and norm_linear_available(h, qkv.weight, max_rows=None)
 
     def forward(self, positions, h, residual):
         if self.fusable(h):
