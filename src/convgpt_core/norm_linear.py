@@ -3,7 +3,7 @@
 Every decoder layer reads its D-wide residual stream twice, each time as
 ``rmsnorm(h + residual) @ W.T``: into ``qkv_proj`` (W: q+k+v rows x D) and into the MLP's
 merged ``gate_up_proj`` (W: 2*inner rows x D), whose output goes straight into SiLU(gate)*up.
-An engine runs that as three or four kernels (fused add+norm, GEMM, activation), each a
+An engine runs that as two or three kernels (fused add+norm, GEMM, activation), each a
 few microseconds at decode batch sizes, where the GEMM itself reads ~1 MB.  Because K = D is
 small (144 in the published model), one program can hold whole rows of the stream: every
 program of :func:`norm_linear` loads its ``BLOCK_M`` rows of ``h`` (+ ``residual``), forms
@@ -36,8 +36,8 @@ MAX_K = 512  # rows of the stream are held in registers: D up to this width
 # Up to this many rows (tokens) the kernel runs; more take the unfused ops (cuBLAS for the
 # GEMM).  H200, round 5 (benchmarks/results), the kernel at every size inside vLLM: at batch 1
 # the fused sites took 624 us per step where the engine's norm, GEMM and activation kernels had
-# taken 713; at batch 256 968 us vs 922 (the unfused ops, one kernel more per site than the
-# engine's, would be slower still); in a 32 x 1024-token prefill 31 of 60 ms GPU time, where
+# taken 713; at batch 256 968 us vs 922 (the unfused ops below have one kernel more per site
+# than the engine's); in a 32 x 1024-token prefill 31 of 60 ms GPU time, where
 # cuBLAS and the engine's kernels had taken ~20.
 MAX_ROWS = 256
 
