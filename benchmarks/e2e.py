@@ -241,6 +241,8 @@ def wall_step_ms(result: dict, batch: int) -> dict[str, float]:
 
 
 def table(data: dict) -> str:
+    import steptrace as st
+
     m = data["result"]["measurements"]
     lines = [f"{'measurement':<22}{'ConvGPT tok/s':>15}{'twin tok/s':>13}{'ratio median':>14}{'min-max':>15}"]
     for label, r in m.items():
@@ -271,10 +273,16 @@ def table(data: dict) -> str:
             if c and t and t["busy_ms"]:
                 lines.append(f"  ConvGPT / twin GPU-busy per step: {c['busy_ms'] / t['busy_ms']:.2f}x; "
                              "per op class, us per step (ConvGPT vs twin):")
+                def row(cls: str, a: float, b: float, flag: bool = True) -> str:
+                    return f"    {cls:<22}{a:>9.1f}{b:>9.1f}{'  <- slower' if flag and a > 1.05 * b + 1 else ''}"
+
                 for cls in sorted(set(c["us_by_class"]) | set(t["us_by_class"]),
                                   key=lambda k: -t["us_by_class"].get(k, 0.0)):
                     a, b = c["us_by_class"].get(cls, 0.0), t["us_by_class"].get(cls, 0.0)
-                    lines.append(f"    {cls:<22}{a:>9.1f}{b:>9.1f}{'  <- slower' if a > 1.05 * b + 1 else ''}")
+                    lines.append(row(cls, a, b, flag=cls not in st.FUSED_PARTS))
+                if st.FUSED_NORM_GEMM in c["us_by_class"]:  # judged together: what it replaces
+                    a, b = (sum(x["us_by_class"].get(k, 0.0) for k in st.FUSED_PARTS) for x in (c, t))
+                    lines.append(row("  norm+gemm+activation", a, b))
         for name in MODELS:
             s = tr.get(name, {}).get("prefill")
             if s:

@@ -29,6 +29,7 @@ ATTENTION = re.compile(r"flash|fmha|attn|attention|paged|batchdecode|batchprefil
                        re.IGNORECASE)
 CLASSES = [  # (class, pattern), first match wins
     ("attention", ATTENTION),
+    (FUSED_NORM_GEMM := "norm+gemm (fused)", re.compile(r"norm_linear")),  # convgpt_core.norm_linear
     ("gemm", re.compile(r"gemm|cutlass|nvjet|cublas|matmul|sm90_xmma|wgmma|splitk|triton_.*mm", re.IGNORECASE)),
     ("norm", re.compile(r"rms|norm", re.IGNORECASE)),
     ("rope", re.compile(r"rotary|rope", re.IGNORECASE)),
@@ -38,6 +39,8 @@ CLASSES = [  # (class, pattern), first match wins
     ("sampling/logits", re.compile(r"softmax|argmax|topk|sampl|log_softmax", re.IGNORECASE)),
     ("copy/elementwise", re.compile(r"elementwise|copy|cat|fill|memcpy|memset|vectorized|reduce", re.IGNORECASE)),
 ]
+# the classes whose work the fused kernel does: compared with the twin's as one sum
+FUSED_PARTS = (FUSED_NORM_GEMM, "gemm", "norm", "activation")
 
 
 def trace_files(folder: str) -> list[str]:
