@@ -25,6 +25,7 @@ engine's own layers.  Under ``torch.compile`` the call is the opaque custom op
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -309,3 +310,24 @@ def norm_linear(
         y, s = torch.ops.convgpt.norm_linear(x, residual, norm_weight, float(eps), weight, swiglu)
         return y, (None if residual is None else s)
     return _kernel_or_torch(x, residual, norm_weight, eps, weight, swiglu)
+
+
+def fused_decoder_layer(
+    h: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm1: tuple[torch.Tensor, float],
+    qkv_weight: torch.Tensor,
+    attend: Callable[[torch.Tensor], torch.Tensor],
+    norm2: tuple[torch.Tensor, float],
+    gate_up_weight: torch.Tensor,
+    down: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer with both norms in :func:`norm_linear`, for the adapters: ``h`` is the
+    previous sublayer's output (the embeddings when ``residual`` is None), ``norm1``/``norm2``
+    are (weight, eps), ``attend`` maps q/k/v to the attention output after o_proj and ``down``
+    the SwiGLU activation to the MLP output.  Returns (MLP output, residual stream), what the
+    engines' layers return."""
+    qkv, s = norm_linear(h, residual, *norm1, qkv_weight)
+    residual = h if s is None else s
+    act, residual = norm_linear(attend(qkv), residual, *norm2, gate_up_weight, swiglu=True)
+    return down(act), residual

@@ -476,6 +476,24 @@ def test_norm_linear_under_torch_compile(interp):
     torch.testing.assert_close(y.double(), _nl_reference(x, None, nw, 1e-6, w, True)[0], rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("residual", [True, False], ids=["add", "first-layer"])
+def test_fused_decoder_layer_composes_both_sublayers(interp, residual):
+    """What the adapters run per layer: norm1 + q/k/v, attention (a stand-in here), the add,
+    norm2 + gate/up + SiLU*mul, down; against the same layer in float64."""
+    x, r, nw1, wqkv = _nl_case(5, 144, 288, False)
+    _, _, nw2, wgu = _nl_case(5, 144, 40, True)
+    wd = _nl_case(5, 40, 144, False)[3]
+    f = torch.float32
+    attend = lambda qkv: qkv[..., :144] * 0.5  # noqa: E731 - q/k/v -> a D-wide sublayer output
+    down = lambda act: act @ wd.to(act.dtype).T  # noqa: E731
+    y, s = nl.fused_decoder_layer(x.to(f), r.to(f) if residual else None, (nw1.to(f), 1e-6), wqkv.to(f), attend,
+                                  (nw2.to(f), 1e-6), wgu.to(f), down)
+    qkv, s1 = _nl_reference(x, r if residual else None, nw1, 1e-6, wqkv, False)
+    act, want_s = _nl_reference(attend(qkv), s1, nw2, 1e-6, wgu, True)
+    torch.testing.assert_close(y.double(), down(act), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s.double(), want_s, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("swiglu", [False, True], ids=["linear", "swiglu"])
 @pytest.mark.parametrize("M", [1, 16, 100, 256, 2048])

@@ -55,7 +55,7 @@ from convgpt_core.checkpoint import FUSED_LAYERS, check_served_checkpoint, load_
 from convgpt_core.compressor import CausalConvPool, ScaleNorm, after_loading
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 from convgpt_core.kernels import compress, warm_up
-from convgpt_core.norm_linear import norm_linear, norm_linear_available
+from convgpt_core.norm_linear import fused_decoder_layer, norm_linear_available
 
 
 def _plain(linear: nn.Module) -> bool:
@@ -155,13 +155,12 @@ class ConvGPTDecoderLayer(nn.Module):
     def forward(self, positions, h, residual):
         if self.fusable(h):
             attn, mlp = self.self_attn, self.mlp
-            qkv, s = norm_linear(h, residual, self.norm1.weight, self.norm1.variance_epsilon, attn.qkv_proj.weight)
-            residual = h if s is None else s
-            h = attn.attend(positions, qkv)
-            act, residual = norm_linear(h, residual, self.norm2.weight, self.norm2.variance_epsilon,
-                                        mlp.gate_up_proj.weight, swiglu=True)
-            out, _ = mlp.down_proj(act)
-            return out, residual
+            return fused_decoder_layer(
+                h, residual, (self.norm1.weight, self.norm1.variance_epsilon), attn.qkv_proj.weight,
+                lambda qkv: attn.attend(positions, qkv),
+                (self.norm2.weight, self.norm2.variance_epsilon), mlp.gate_up_proj.weight,
+                lambda act: mlp.down_proj(act)[0],
+            )
         if residual is None:
             residual = h
             h = self.norm1(h)
