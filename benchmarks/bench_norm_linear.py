@@ -1,14 +1,19 @@
-"""The fused residual-add + RMSNorm + linear (+ SwiGLU) kernel against the kernels an engine
-runs for the same work, per decode batch size, each inside a CUDA graph.
+"""The core's kernels around the D-wide stream against the kernels an engine runs for the
+same work, per decode batch size, each inside a CUDA graph.
 
+Into the stream's readers: the fused residual-add + RMSNorm + linear (+ SwiGLU) kernel.
 The two places a ConvGPT layer reads its D = 144 stream (published geometry):
   qkv      rmsnorm(h + residual) @ W_qkv.T              (W: 4096 x 144)
   gate_up  silu(gate) * up of rmsnorm(h + residual) @ W_gate_up.T   (W: 6144 x 144)
 "engine" is what vLLM's compiled model runs: Inductor's fused add + RMSNorm kernel, the
 cuBLAS GEMM, and (gate_up) Inductor's SiLU*mul kernel (torch.compile, default mode, static
 shapes); "fused" is ``convgpt_core.norm_linear`` (one kernel).  Also the fused kernel's
-column-block sweep, to check the tile heuristic.  One line per shape as it completes, and a
-JSON of all.
+column-block sweep, to check the tile heuristic.
+
+Back to the stream: o_proj (W: 144 x 2048) and down (144 x 3072) as ``narrow_linear`` (the
+split-K kernel) against cuBLAS (``F.linear``), with a sweep of the K split.
+
+One line per shape as it completes, and a JSON of each part (norm_linear.json, narrow_linear.json).
 
 Usage (CUDA): python benchmarks/bench_norm_linear.py --out DIR
 """
@@ -21,6 +26,8 @@ import json
 import os
 
 SITES = [("qkv", 4096, False), ("gate_up", 3072, True)]  # (name, N out, swiglu)
+NARROW_SITES = [("o_proj", 2048), ("down", 3072)]  # (name, K in): D = 144 out
+SPLITS = [(128, 1), (128, 2), (128, 4), (256, 1), (64, 2)]  # (BLOCK_K, K blocks per split)
 D = 144
 
 
@@ -42,10 +49,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".")
     ap.add_argument("--batches", default="1,2,4,8,16,32,64,128,256,512,1024")
+    ap.add_argument("--only", choices=["norm_linear", "narrow_linear"], default=None)
     args = ap.parse_args()
     import torch
     from triton.testing import do_bench_cudagraph
 
+    from convgpt_core import narrow_linear as nar
     from convgpt_core import norm_linear as nl
 
     def timed(fn, *fn_args, rep: int = 50, **kw) -> float:
@@ -53,21 +62,53 @@ def main() -> None:
         return do_bench_cudagraph(functools.partial(fn, *fn_args, **kw), rep=rep) * 1e3
 
     dev, dt = torch.device("cuda"), torch.bfloat16
-    rows = []
-    txt = open(os.path.join(args.out, "norm_linear.txt"), "w")
+    batches = [int(b) for b in args.batches.split(",")]
+    head = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, bf16, us per call (CUDA graph replay)"
 
-    def say(line: str) -> None:
-        print(line, flush=True)
-        txt.write(line + "\n")
-        txt.flush()
+    def logger(name: str):
+        txt = open(os.path.join(args.out, f"{name}.txt"), "w")
 
-    say(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, bf16, us per call (CUDA graph replay)")
+        def say(line: str) -> None:
+            print(line, flush=True)
+            txt.write(line + "\n")
+            txt.flush()
+
+        say(head)
+        return say
+
+    def save(name: str, rows: list) -> None:
+        json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows},
+                  open(os.path.join(args.out, f"{name}.json"), "w"), indent=1)
+
+    if args.only != "norm_linear":
+        say, rows = logger("narrow_linear"), []
+        say(f"{'site':<8}{'M':>6}{'cuBLAS':>9}{'split-K':>9}{'ratio':>7}   by (BLOCK_K, K blocks per split): "
+            + " ".join(f"{bk}/{kps}" for bk, kps in SPLITS))
+        for name, k in NARROW_SITES:
+            w = torch.randn(D, k, device=dev, dtype=dt) / k**0.5
+            for m in batches:
+                x = torch.randn(m, k, device=dev, dtype=dt)
+                torch.testing.assert_close(nar.narrow_linear_triton(x, w), torch.nn.functional.linear(x, w),
+                                           rtol=3e-2, atol=3e-2)
+                cublas = timed(torch.nn.functional.linear, x, w)
+                ours = timed(nar.narrow_linear_triton, x, w)
+                sweep = {f"{bk}/{kps}": timed(nar.narrow_linear_triton, x, w, block_k=bk, k_blocks_per_split=kps,
+                                              rep=30) for bk, kps in SPLITS}
+                tiles = nar._tiles(m, D, k, nar._sm_count(dev))
+                rows.append(dict(site=name, m=m, k=k, cublas_us=cublas, split_k_us=ours, by_split=sweep,
+                                 heuristic=tiles))
+                say(f"{name:<8}{m:>6}{cublas:>9.2f}{ours:>9.2f}{ours / cublas:>7.2f}   "
+                    + " ".join(f"{v:.2f}" for v in sweep.values()) + f"  (picked {tiles[1]}/{tiles[2]})")
+                save("narrow_linear", rows)
+    if args.only == "narrow_linear":
+        return
+    say, rows = logger("norm_linear"), []
     say(f"{'site':<9}{'M':>6}{'engine':>9}{'fused':>8}{'ratio':>7}   fused by column block (32/64/128)")
     compiled = torch.compile(engine_path, dynamic=False)
     for name, n, swiglu in SITES:
         w = torch.randn(2 * n if swiglu else n, D, device=dev, dtype=dt) / D**0.5
         nw = (1 + 0.1 * torch.randn(D, device=dev)).to(dt)
-        for m in (int(b) for b in args.batches.split(",")):
+        for m in batches:
             torch._dynamo.reset()  # one static-shape compile per batch size (no recompile limit)
             h = torch.randn(m, D, device=dev, dtype=dt)
             r = torch.randn(m, D, device=dev, dtype=dt)
@@ -84,8 +125,7 @@ def main() -> None:
                              fused_by_block_n=sweep, heuristic=tiles))
             say(f"{name:<9}{m:>6}{eng:>9.2f}{fused:>8.2f}{fused / eng:>7.2f}   "
                 + " ".join(f"{sweep[b]:.2f}" for b in (32, 64, 128)) + f"  (picked {tiles[1]})")
-            json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows},
-                      open(os.path.join(args.out, "norm_linear.json"), "w"), indent=1)
+            save("norm_linear", rows)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ ATTENTION = re.compile(r"flash|fmha|attn|attention|paged|batchdecode|batchprefil
 CLASSES = [  # (class, pattern), first match wins
     ("attention", ATTENTION),
     (FUSED_NORM_GEMM := "norm+gemm (fused)", re.compile(r"norm_linear")),  # convgpt_core.norm_linear
-    ("gemm", re.compile(r"gemm|cutlass|nvjet|cublas|matmul|sm90_xmma|wgmma|splitk|triton_.*mm", re.IGNORECASE)),
+    ("gemm", re.compile(r"gemm|cutlass|nvjet|cublas|matmul|sm90_xmma|wgmma|splitk|triton_.*mm|narrow_linear",
+                        re.IGNORECASE)),  # narrow_linear: convgpt_core.narrow_linear
     ("norm", re.compile(r"rms|norm", re.IGNORECASE)),
     ("rope", re.compile(r"rotary|rope", re.IGNORECASE)),
     ("activation", re.compile(r"silu|act_and_mul|gelu", re.IGNORECASE)),

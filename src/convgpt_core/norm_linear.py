@@ -318,16 +318,18 @@ def fused_decoder_layer(
     norm1: tuple[torch.Tensor, float],
     qkv_weight: torch.Tensor,
     attend: Callable[[torch.Tensor], torch.Tensor],
+    o_proj: Callable[[torch.Tensor], torch.Tensor],
     norm2: tuple[torch.Tensor, float],
     gate_up_weight: torch.Tensor,
     down: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer with both norms in :func:`norm_linear`, for the adapters: ``h`` is the
     previous sublayer's output (the embeddings when ``residual`` is None), ``norm1``/``norm2``
-    are (weight, eps), ``attend`` maps q/k/v to the attention output after o_proj and ``down``
-    the SwiGLU activation to the MLP output.  Returns (MLP output, residual stream), what the
-    engines' layers return."""
+    are (weight, eps), ``attend`` maps q/k/v to the heads' output, ``o_proj`` and ``down``
+    are the two linears back to the stream (the adapters pass
+    :func:`convgpt_core.narrow_linear.narrow_linear` or the engine's row-parallel layer).
+    Returns (MLP output, residual stream), what the engines' layers return."""
     qkv, s = norm_linear(h, residual, *norm1, qkv_weight)
     residual = h if s is None else s
-    act, residual = norm_linear(attend(qkv), residual, *norm2, gate_up_weight, swiglu=True)
+    act, residual = norm_linear(o_proj(attend(qkv)), residual, *norm2, gate_up_weight, swiglu=True)
     return down(act), residual

@@ -484,12 +484,13 @@ def test_fused_decoder_layer_composes_both_sublayers(interp, residual):
     _, _, nw2, wgu = _nl_case(5, 144, 40, True)
     wd = _nl_case(5, 40, 144, False)[3]
     f = torch.float32
-    attend = lambda qkv: qkv[..., :144] * 0.5  # noqa: E731 - q/k/v -> a D-wide sublayer output
+    attend = lambda qkv: qkv[..., :160] * 0.5  # noqa: E731 - q/k/v -> the heads' output
+    o_proj = lambda heads: heads[..., :144] - heads[..., 16:]  # noqa: E731 - back to D wide
     down = lambda act: act @ wd.to(act.dtype).T  # noqa: E731
     y, s = nl.fused_decoder_layer(x.to(f), r.to(f) if residual else None, (nw1.to(f), 1e-6), wqkv.to(f), attend,
-                                  (nw2.to(f), 1e-6), wgu.to(f), down)
+                                  o_proj, (nw2.to(f), 1e-6), wgu.to(f), down)
     qkv, s1 = _nl_reference(x, r if residual else None, nw1, 1e-6, wqkv, False)
-    act, want_s = _nl_reference(attend(qkv), s1, nw2, 1e-6, wgu, True)
+    act, want_s = _nl_reference(o_proj(attend(qkv)), s1, nw2, 1e-6, wgu, True)
     torch.testing.assert_close(y.double(), down(act), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s.double(), want_s, rtol=1e-5, atol=1e-5)
 
@@ -512,3 +513,123 @@ def test_gpu_norm_linear_many_rows_unfused(gpu, dtype):
     want_y, _ = _nl_reference(x, r, nw, 1e-6, w, True)
     torch.testing.assert_close(y.double().cpu(), want_y, rtol=NL_TOL[dtype], atol=NL_TOL[dtype])
     assert torch.equal(s.cpu(), x.to(dtype) + r.to(dtype))
+
+
+# --------------------------------------------------------------------------------------
+# narrow_linear: the split-K kernel for the linears that write the D-wide stream
+
+from convgpt_core import narrow_linear as nar  # noqa: E402
+
+
+def _nar_case(M: int, K: int, N: int, seed: int = 1):
+    """bfloat16-exact float64 inputs: x (M x K) and the weight (N x K)."""
+    gen = torch.Generator().manual_seed(seed + M * 5 + K * 3 + N)
+    x = torch.randn(M, K, generator=gen).to(torch.bfloat16).double()
+    w = (torch.randn(N, K, generator=gen) * K**-0.5).to(torch.bfloat16).double()
+    return x, w
+
+
+def _nar_check(dtype, device, M, K, N, **tiles):
+    x, w = _nar_case(M, K, N)
+    to = dict(device=device, dtype=dtype)
+    y = nar.narrow_linear_triton(x.to(**to), w.to(**to), **tiles)
+    assert y.shape == (M, N) and y.dtype == dtype
+    tol = NL_TOL[dtype]
+    torch.testing.assert_close(y.double().cpu(), x @ w.T, rtol=tol, atol=tol)
+    # every tile counter is back at zero for the next call (and the next CUDA graph replay)
+    assert not nar._counters(y.device).any()
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,K,N", [(1, 2048, 144), (7, 300, 40), (33, 512, 144), (70, 200, 24)])
+def test_narrow_linear_matches_float64(interp, M, K, N, dtype):
+    _nar_check(dtype, "cpu", M, K, N)
+
+
+@pytest.mark.parametrize("tiles", [dict(block_k=64, k_blocks_per_split=1),  # one K slice per program
+                                   dict(block_k=32, k_blocks_per_split=3),  # K = 300 in 4 uneven splits
+                                   dict(block_m=32, k_blocks_per_split=100)],  # no split: written directly
+                         ids=["split-many", "split-uneven", "no-split"])
+def test_narrow_linear_split_options(interp, tiles):
+    _nar_check(torch.float32, "cpu", 20, 300, 40, **tiles)
+
+
+def test_narrow_linear_splits_decode_rows_over_the_gpu():
+    # one decode row into D = 144 from o_proj (2048) or down (3072): the grid has most of an
+    # H100's / H200's 132 SMs, where cuBLAS ran 3 or 9 CTAs
+    for K in (2048, 3072):
+        bm, bk, kps, _ = nar._tiles(1, 144, K, 132)
+        programs = triton.cdiv(144, nar.BLOCK_N) * triton.cdiv(triton.cdiv(K, bk), kps)
+        assert bm == 16 and 64 <= programs <= 2 * 132
+
+
+def test_narrow_linear_rejects_mismatched_shapes(interp):
+    x, w = _nar_case(3, 64, 16)
+    with pytest.raises(ValueError, match="do not fit"):
+        nar.narrow_linear_triton(x.float()[:, :60], w.float())
+
+
+def test_narrow_linear_rows_pick_kernel_or_cublas(interp, monkeypatch):
+    calls = []
+    kernel = nar.narrow_linear_triton
+    monkeypatch.setattr(nar, "narrow_linear_triton", lambda *a, **k: calls.append(a[0].shape[0]) or kernel(*a, **k))
+    for M in (nar.MAX_ROWS, nar.MAX_ROWS + 1):
+        x, w = _nar_case(M, 96, 24)
+        torch.testing.assert_close(nar.narrow_linear(x.float(), w.float()).double(), x @ w.T, rtol=2e-5, atol=2e-5)
+    assert calls == [nar.MAX_ROWS]
+    monkeypatch.setenv("CONVGPT_NARROW_LINEAR", "0")  # switched off: cuBLAS (F.linear) at any size
+    assert not nar.narrow_linear_available(x.float(), w.float())
+    monkeypatch.delenv("CONVGPT_NARROW_LINEAR")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not nar.narrow_linear_available(x.float(), w.float())  # CPU without the interpreter
+    torch.testing.assert_close(nar.narrow_linear(x, w), x @ w.T)  # float64: F.linear
+
+
+def test_narrow_linear_under_torch_compile(interp):
+    x, w = _nar_case(9, 96, 24)
+    big = _nar_case(nar.MAX_ROWS + 3, 96, 24)[0]
+    torch._dynamo.reset()
+    fn = torch.compile(lambda a: nar.narrow_linear(a, w.float()), fullgraph=True, backend="aot_eager")
+    for a in (x[:2], x, big):  # the last one: cuBLAS inside the op
+        torch.testing.assert_close(fn(a.float()).double(), a @ w.T, rtol=2e-5, atol=2e-5)
+
+
+def test_fused_decoder_layer_with_narrow_linears(interp):
+    """The adapters' fused layer with o_proj and down as narrow_linear, against float64."""
+    x, r, nw1, wqkv = _nl_case(5, 144, 288, False)
+    _, _, nw2, wgu = _nl_case(5, 144, 40, True)
+    wo, wd = _nar_case(5, 288, 144)[1], _nar_case(5, 40, 144)[1]
+    f = torch.float32
+    y, s = nl.fused_decoder_layer(x.to(f), r.to(f), (nw1.to(f), 1e-6), wqkv.to(f), lambda qkv: qkv,
+                                  lambda heads: nar.narrow_linear(heads, wo.to(f)), (nw2.to(f), 1e-6), wgu.to(f),
+                                  lambda act: nar.narrow_linear(act, wd.to(f)))
+    qkv, s1 = _nl_reference(x, r, nw1, 1e-6, wqkv, False)
+    act, want_s = _nl_reference(qkv @ wo.T, s1, nw2, 1e-6, wgu, True)
+    torch.testing.assert_close(y.double(), act @ wd.T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s.double(), want_s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("K", [2048, 3072], ids=["o_proj", "down"])
+@pytest.mark.parametrize("M", [1, 16, 100, 256, 2048])
+def test_gpu_narrow_linear_matches_float64(gpu, M, K, dtype):
+    _nar_check(dtype, "cuda", M, K, 144)
+
+
+def test_gpu_narrow_linear_in_a_cuda_graph(gpu):
+    """Captured once, replayed on new inputs: the counters reset themselves every replay."""
+    x, w = _nar_case(4, 3072, 144)
+    xs = x.to("cuda", torch.bfloat16)
+    wc = w.to("cuda", torch.bfloat16)
+    nar.narrow_linear(xs, wc)  # warm-up: compile, counters allocated outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = nar.narrow_linear(xs, wc)
+    for seed in range(3):
+        x2 = _nar_case(4, 3072, 144, seed=seed + 10)[0]
+        xs.copy_(x2.to(xs.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(y.double().cpu(), x2 @ w.T, rtol=3e-2, atol=3e-2)

@@ -43,6 +43,7 @@ from convgpt_core.compressor import CausalConvPool, ScaleNorm, after_loading
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 from convgpt_core.kernels import compress, warm_up
 from convgpt_core.lora import fused_linear_dims
+from convgpt_core.narrow_linear import narrow_linear
 from convgpt_core.norm_linear import fused_decoder_layer, norm_linear_available
 
 
@@ -59,6 +60,14 @@ FUSED_ROWS = 128
 def _plain(linear: nn.Module) -> bool:
     """An engine linear with its weight as loaded: not quantized, not wrapped for LoRA."""
     return isinstance(linear, LinearBase) and isinstance(linear.quant_method, UnquantizedLinearMethod)
+
+
+def _to_stream(linear: nn.Module):
+    """o_proj or down on the fused path: the core's split-K kernel for a whole plain weight
+    (one tensor-parallel rank), otherwise the engine's row-parallel layer (and its all-reduce)."""
+    if _plain(linear) and linear.weight.shape[1] == getattr(linear, "input_size", None):
+        return lambda x: narrow_linear(x, linear.weight)
+    return lambda x: linear(x)[0]
 
 
 class ConvGPTMLP(nn.Module):
@@ -109,7 +118,8 @@ class ConvGPTAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         qkv, _ = self.qkv_proj(h)
-        return self.attend(positions, qkv, forward_batch)
+        out, _ = self.o_proj(self.attend(positions, qkv, forward_batch))
+        return out
 
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -117,8 +127,7 @@ class ConvGPTAttention(nn.Module):
         # otherwise); the generic RMSNorm over 128-wide rows was a third of prefill time.
         q, k = apply_qk_norm(q, k, self.q_norm, self.k_norm, self.head_dim)
         q, k = self.rotary_emb(positions, q, k)
-        out, _ = self.o_proj(self.attn(q, k, v, forward_batch))
-        return out
+        return self.attn(q, k, v, forward_batch)
 
 
 class ConvGPTDecoderLayer(nn.Module):
@@ -142,9 +151,9 @@ class ConvGPTDecoderLayer(nn.Module):
             attn, mlp = self.self_attn, self.mlp
             return fused_decoder_layer(
                 h, residual, (self.norm1.weight, self.norm1.variance_epsilon), attn.qkv_proj.weight,
-                lambda qkv: attn.attend(positions, qkv, forward_batch),
+                lambda qkv: attn.attend(positions, qkv, forward_batch), _to_stream(attn.o_proj),
                 (self.norm2.weight, self.norm2.variance_epsilon), mlp.gate_up_proj.weight,
-                lambda act: mlp.down_proj(act)[0],
+                _to_stream(mlp.down_proj),
             )
         if residual is None:
             residual = h

@@ -55,12 +55,21 @@ from convgpt_core.checkpoint import FUSED_LAYERS, check_served_checkpoint, load_
 from convgpt_core.compressor import CausalConvPool, ScaleNorm, after_loading
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 from convgpt_core.kernels import compress, warm_up
+from convgpt_core.narrow_linear import narrow_linear
 from convgpt_core.norm_linear import fused_decoder_layer, norm_linear_available
 
 
 def _plain(linear: nn.Module) -> bool:
     """An engine linear with its weight as loaded: not quantized, not wrapped for LoRA."""
     return isinstance(linear, LinearBase) and isinstance(linear.quant_method, UnquantizedLinearMethod)
+
+
+def _to_stream(linear: nn.Module):
+    """o_proj or down on the fused path: the core's split-K kernel for a whole plain weight
+    (one tensor-parallel rank), otherwise the engine's row-parallel layer (and its all-reduce)."""
+    if _plain(linear) and linear.weight.shape[1] == getattr(linear, "input_size", None):
+        return lambda x: narrow_linear(x, linear.weight)
+    return lambda x: linear(x)[0]
 
 
 class ConvGPTMLP(nn.Module):
@@ -121,7 +130,8 @@ class ConvGPTAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(h)
-        return self.attend(positions, qkv)
+        out, _ = self.o_proj(self.attend(positions, qkv))
+        return out
 
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -130,8 +140,7 @@ class ConvGPTAttention(nn.Module):
         q = self.q_norm(q.view(*q.shape[:-1], q.shape[-1] // self.head_dim, self.head_dim)).view(q.shape)
         k = self.k_norm(k.view(*k.shape[:-1], k.shape[-1] // self.head_dim, self.head_dim)).view(k.shape)
         q, k = self.rotary_emb(positions, q, k)
-        out, _ = self.o_proj(self.attn(q, k, v))
-        return out
+        return self.attn(q, k, v)
 
 
 class ConvGPTDecoderLayer(nn.Module):
@@ -157,9 +166,9 @@ class ConvGPTDecoderLayer(nn.Module):
             attn, mlp = self.self_attn, self.mlp
             return fused_decoder_layer(
                 h, residual, (self.norm1.weight, self.norm1.variance_epsilon), attn.qkv_proj.weight,
-                lambda qkv: attn.attend(positions, qkv),
+                lambda qkv: attn.attend(positions, qkv), _to_stream(attn.o_proj),
                 (self.norm2.weight, self.norm2.variance_epsilon), mlp.gate_up_proj.weight,
-                lambda act: mlp.down_proj(act)[0],
+                _to_stream(mlp.down_proj),
             )
         if residual is None:
             residual = h
