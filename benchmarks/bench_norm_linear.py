@@ -94,7 +94,7 @@ def main() -> None:
                 ours = timed(nar.narrow_linear_triton, x, w)
                 sweep = {f"{bk}/{kps}": timed(nar.narrow_linear_triton, x, w, block_k=bk, k_blocks_per_split=kps,
                                               rep=30) for bk, kps in SPLITS}
-                tiles = nar._tiles(m, D, k, nar._sm_count(dev))
+                tiles = nar._tiles(m)
                 rows.append(dict(site=name, m=m, k=k, cublas_us=cublas, split_k_us=ours, by_split=sweep,
                                  heuristic=tiles))
                 say(f"{name:<8}{m:>6}{cublas:>9.2f}{ours:>9.2f}{ours / cublas:>7.2f}   "

@@ -15,8 +15,8 @@ model dtype (as cuBLAS does), writes the output and resets the counter.  The cou
 in one zeroed buffer per device and stream that every call leaves zeroed again, so CUDA
 graphs replay the kernel with nothing to reset.
 
-Past :data:`MAX_ROWS` rows (prefill chunks) the op runs ``F.linear`` (cuBLAS): large
-products keep every SM busy without splitting K.  Under ``torch.compile`` the call is the
+Past :data:`MAX_ROWS` rows the op runs ``F.linear`` (cuBLAS), which keeps every SM busy
+without splitting K once there are enough rows.  Under ``torch.compile`` the call is the
 opaque custom op ``convgpt::narrow_linear``, which chooses by rows when it runs.  Only a
 whole (unsharded, unquantized, LoRA-free) weight qualifies: the adapters check that and
 otherwise call the engine's row-parallel layer, which also does the all-reduce.
@@ -31,10 +31,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .kernels import _SUPPORTED_DTYPES, _interpreting, _sm_count, tl, triton
-from .norm_linear import MAX_ROWS, _as_rows, _rows
+from .kernels import _SUPPORTED_DTYPES, _interpreting, tl, triton
+from .norm_linear import _as_rows, _rows
 
 BLOCK_N = 16  # output columns per program: D = 144 is nine blocks
+# Up to this many rows the kernel runs, cuBLAS above: H200, round 6, the kernel against
+# cuBLAS (one CUDA graph replay each) for o_proj / down: 1 row 3.6 / 3.8 us vs 5.0 / 6.2;
+# 128 rows 4.9 / 5.2 vs 5.1 / 6.5 (four K slices per program); 256 rows 6.3 / 6.4 vs 5.1 / 6.6.
+MAX_ROWS = 128
 _COUNTERS = 4096  # tile counters per buffer (tiles = row blocks x column blocks)
 
 
@@ -127,16 +131,14 @@ def _counters(device: torch.device) -> torch.Tensor:
 
 
 @functools.cache
-def _tiles(M: int, N: int, K: int, sms: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, blocks of K per split, num_warps): a fixed heuristic.  Rows in tiles of
-    16 (the tensor-core minimum) up to 64; K split until the grid has about one program per
-    SM, each with at least one BLOCK_K slice."""
+def _tiles(M: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, blocks of K per split, num_warps): a fixed heuristic from the K-split
+    sweep of ``benchmarks/bench_norm_linear.py`` on an H200 (o_proj K = 2048, down K = 3072,
+    round 6).  Rows in tiles of 16 (the tensor-core minimum) up to 64; K in slices of 128, two
+    per program up to 32 rows (72-108 programs for one row: 3.6-3.8 us, cuBLAS 5.0-6.2), four
+    above (the 64-row tiles do more work per slice)."""
     bm = 16 if M <= 16 else 32 if M <= 32 else 64
-    bk = 128
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, BLOCK_N)
-    k_blocks = triton.cdiv(K, bk)
-    want = max(1, min(k_blocks, triton.cdiv(sms, tiles)))
-    return bm, bk, triton.cdiv(k_blocks, want), 4
+    return bm, 128, 2 if M <= 32 else 4, 4
 
 
 def narrow_linear_triton(
@@ -164,7 +166,7 @@ def narrow_linear_triton(
     M = x2.shape[0]
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    bm, bk, kps, nw = _tiles(M, N, K, _sm_count(x.device))
+    bm, bk, kps, nw = _tiles(M)
     bm, bk, kps, nw = block_m or bm, block_k or bk, k_blocks_per_split or kps, num_warps or nw
     k_per_split = kps * bk
     split = triton.cdiv(K, k_per_split)
