@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .kernels import _SUPPORTED_DTYPES, _interpreting, tl, triton
+from .kernels import _SUPPORTED_DTYPES, _interpreting, register_op, tl, triton
 from .norm_linear import _as_rows, _rows
 
 BLOCK_N = 16  # output columns per program: D = 144 is nine blocks
@@ -191,17 +191,10 @@ def _kernel_or_cublas(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-_HAVE_OP = False
-if triton is not None and hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
-    try:
-        _op = torch.library.custom_op(
-            "convgpt::narrow_linear", _kernel_or_cublas, mutates_args=(),
-            schema="(Tensor x, Tensor weight) -> Tensor",
-        )
-        _op.register_fake(lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0]))
-        _HAVE_OP = True
-    except RuntimeError:  # pragma: no cover - already registered (module re-executed)
-        _HAVE_OP = hasattr(torch.ops.convgpt, "narrow_linear")
+_HAVE_OP = triton is not None and register_op(
+    "narrow_linear", "(Tensor x, Tensor weight) -> Tensor", _kernel_or_cublas,
+    lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0]),
+)
 
 
 def narrow_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .kernels import _SUPPORTED_DTYPES, _d_blocks, _interpreting, tl, triton
+from .kernels import _SUPPORTED_DTYPES, _d_blocks, _interpreting, register_op, tl, triton
 
 MAX_K = 512  # rows of the stream are held in registers: D up to this width
 # Up to this many rows (tokens) the kernel runs; more take the unfused ops (cuBLAS for the
@@ -277,18 +277,11 @@ def _op_fake(x, residual, norm_weight, eps, weight, swiglu):
     return y, (x.new_empty(0) if residual is None else torch.empty_like(x))
 
 
-_HAVE_OP = False
-if triton is not None and hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
-    try:
-        _op = torch.library.custom_op(
-            "convgpt::norm_linear", _op_impl, mutates_args=(),
-            schema="(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor weight, bool swiglu)"
-                   " -> (Tensor, Tensor)",
-        )
-        _op.register_fake(_op_fake)
-        _HAVE_OP = True
-    except RuntimeError:  # pragma: no cover - already registered (module re-executed)
-        _HAVE_OP = hasattr(torch.ops.convgpt, "norm_linear")
+_HAVE_OP = triton is not None and register_op(
+    "norm_linear",
+    "(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor weight, bool swiglu) -> (Tensor, Tensor)",
+    _op_impl, _op_fake,
+)
 
 
 def norm_linear(
