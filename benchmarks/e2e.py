@@ -287,7 +287,9 @@ def table(data: dict) -> str:
             s = tr.get(name, {}).get("prefill")
             if s:
                 parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(s["ms_by_class"].items(), key=lambda kv: -kv[1]))
-                lines.append(f"{name} prefill GPU ms by op class: total {s['total_ms']:.1f}: {parts}")
+                span = (f" in a {s['span_ms']:.1f} ms span, GPU idle {s['idle_ms']:.1f} ms" if "span_ms" in s
+                        else "")  # results before round 7 have no span
+                lines.append(f"{name} prefill GPU ms by op class: total {s['total_ms']:.1f}{span}: {parts}")
     host = data["result"].get("host_traces")
     if host:
         lines.append("")

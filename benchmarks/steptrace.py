@@ -138,14 +138,27 @@ def op_class(name: str) -> str:
 
 
 def op_classes(ks: list[tuple[float, float, str]]) -> dict:
-    """GPU ms by op class over the whole trace (a prefill), and the ten longest kernels."""
+    """GPU ms by op class over the whole trace (a prefill), the ten longest kernels, and the
+    span from the first kernel's start to the last one's end with the time in it when no
+    kernel ran (``idle_ms``: the GPU waiting for the host, profiler overhead included)."""
     by: dict[str, float] = {}
     by_name: dict[str, float] = {}
     for _, dur, name in ks:
         by[op_class(name)] = by.get(op_class(name), 0.0) + dur / 1e3
         by_name[name] = by_name.get(name, 0.0) + dur / 1e3
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:10]
+    covered, reach = 0.0, None  # the union of the kernels' intervals (streams may overlap)
+    for start, dur, _ in ks:  # by start time
+        end = start + dur
+        if reach is None or start >= reach:
+            covered += dur
+            reach = end
+        elif end > reach:
+            covered += end - reach
+            reach = end
+    span = (reach - ks[0][0]) / 1e3 if ks else 0.0
     return {"total_ms": sum(by.values()), "ms_by_class": by, "kernels": len(ks),
+            "span_ms": span, "idle_ms": span - covered / 1e3,
             "top_kernels_ms": [[n[:120], round(v, 3)] for n, v in top]}
 
 

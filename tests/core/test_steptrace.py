@@ -53,6 +53,16 @@ def test_prefill_op_classes_cover_every_kernel(tmp_path):
     assert got["ms_by_class"] == {"gemm": 0.3, "attention": 0.12, "norm": 0.008}
 
 
+def test_prefill_span_and_idle_time():
+    # kernels at 0-100 us and 150-250 us, one inside the second (another stream), one at 300-310:
+    # a 310 us span with 210 us covered, 100 us with no kernel running
+    ks = [(0.0, 100.0, "nvjet_gemm"), (150.0, 100.0, "flash_fwd"), (160.0, 20.0, "rms_norm"), (300.0, 10.0, "silu")]
+    got = steptrace.op_classes(ks)
+    assert abs(got["span_ms"] - 0.310) < 1e-12 and abs(got["idle_ms"] - 0.100) < 1e-12
+    assert abs(got["total_ms"] - 0.230) < 1e-12  # kernel time summed, overlap counted twice
+    assert steptrace.op_classes([])["span_ms"] == 0.0
+
+
 def test_fused_norm_linear_kernels_have_their_own_class():
     # the Triton kernels of convgpt_core.norm_linear are named after their source functions
     from convgpt_core import narrow_linear, norm_linear
