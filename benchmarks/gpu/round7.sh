@@ -1,4 +1,4 @@
-# Round 7 (what round 6 left): the split-K kernel's 128-row limit and the Library-registered
+# Round 7 (what round 6 left): the split-K kernel's 128-row limit, SGLang fused up to 256 rows, the Library-registered
 # ops end to end, prefill with its GPU idle time, vLLM parity's missing cell, SGLang LoRA in
 # bf16 on CUDA, vLLM's q/k-norm + RoPE pass, and why SGLang's first piecewise-graph capture of
 # ConvGPT takes minutes.  Run by `gpu.sh bg benchmarks/gpu/round7.sh` after the vLLM parts are
