@@ -152,3 +152,33 @@ def assert_lora_matches_merged_reference(engine: str, base: str, root) -> None:
     assert_matches_reference(base, ps, plain, 16, label="without the adapter", dtype=dtype)
     changed = sum(a["tokens"] != p["tokens"] for a, p in zip(adapted, plain))
     assert changed * 2 >= len(ps), f"the adapter changed only {changed} of {len(ps)} answers"
+
+
+def assert_decode_kernels_match_reference(engine: str, root) -> None:
+    """``engine`` serving a tiny checkpoint with the core's decode kernels (``norm_linear``
+    before q/k/v and gate/up, ``narrow_linear`` for o_proj and down), which run only on CUDA or
+    in Triton's interpreter: a fresh process with ``TRITON_INTERPRET=1`` serves it and judges
+    the answers against the float64 reference (``tests/decode_kernels_run.py``), and the
+    kernels' launches, recorded by ``tests/kernel_count_shim``, show that both ran at decode
+    sizes.  The MLP is 640 wide, so down's K (5 slices of 128) is split over programs and
+    summed by the last one, while o_proj's K = 256 is not split: both of the kernel's ends."""
+    import subprocess
+    import sys
+
+    from convgpt_core.tiny import make_checkpoint
+
+    base = str(root / "wide-mlp")
+    make_checkpoint(base, preset="tiny", seed=1, intermediate_size=640)
+    here = os.path.dirname(os.path.abspath(__file__))
+    log = os.path.join(str(root), "kernel-launches.txt")
+    env = dict(os.environ, TRITON_INTERPRET="1", CONVGPT_TEST_KERNEL_LOG=log, PYTHONPATH=os.pathsep.join(
+        filter(None, [os.path.join(here, "kernel_count_shim"), here, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, os.path.join(here, "decode_kernels_run.py"), engine, base], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    launches = open(log).read().split() if os.path.exists(log) else []
+    rows = {name: [int(n) for kind, n in zip(launches[::2], launches[1::2]) if kind == name]
+            for name in ("norm_linear_triton", "narrow_linear_triton")}
+    for name, seen in rows.items():  # decode steps: one row per running request
+        assert any(n <= 3 for n in seen), f"{engine} never ran {name} at decode size: {sorted(set(seen))}"
+

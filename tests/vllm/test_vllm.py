@@ -88,6 +88,14 @@ def test_lora_adapter_matches_merged_reference(tiny_dirs, tmp_path):
     assert_lora_matches_merged_reference("vllm", tiny_dirs["tiny"], tmp_path)
 
 
+def test_decode_kernels_inside_the_engine_match_reference(tmp_path):
+    """The path CUDA takes: norm_linear into q/k/v and gate/up, narrow_linear for o_proj and
+    down, with the engine's attention in between, here in Triton's interpreter."""
+    from judge import assert_decode_kernels_match_reference
+
+    assert_decode_kernels_match_reference("vllm", tmp_path)
+
+
 def test_installed_wheel_works_as_a_user_would(tmp_path):
     """This environment holds vLLM and the built wheel (`convgpt serve` above ran from it)."""
     from users import assert_wheel_works_as_a_user_would

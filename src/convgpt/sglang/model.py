@@ -60,8 +60,9 @@ def _plain(linear: nn.Module) -> bool:
 def _to_stream(linear: nn.Module):
     """o_proj or down on the fused path: the core's split-K kernel for a whole plain weight
     (one tensor-parallel rank), otherwise the engine's row-parallel layer (and its all-reduce)."""
-    if _plain(linear) and linear.weight.shape[1] == getattr(linear, "input_size", None):
-        return lambda x: narrow_linear(x, linear.weight)
+    weight = getattr(linear, "weight", None)
+    if _plain(linear) and weight is not None and weight.dim() == 2 and weight.shape[1] == getattr(linear, "input_size", -1):
+        return lambda x: narrow_linear(x, weight)
     return lambda x: linear(x)[0]
 
 

@@ -1,0 +1,27 @@
+"""Test-only: record every launch of the core's decode kernels in an engine process.
+
+Loaded through PYTHONPATH by ``judge.assert_decode_kernels_match_reference`` only, in the
+process it starts and in any engine process that one starts (SGLang's scheduler).  With
+``CONVGPT_TEST_KERNEL_LOG`` set, each call of ``norm_linear_triton`` or ``narrow_linear_triton``
+appends that name to the file: the test then knows the engine went through the kernels and
+not around them.  The kernels themselves are untouched.
+"""
+
+import os
+
+_LOG = os.environ.get("CONVGPT_TEST_KERNEL_LOG")
+if _LOG:
+    from convgpt_core import narrow_linear, norm_linear
+
+    def _recorded(module, name):
+        launch = getattr(module, name)
+
+        def run(*args, **kwargs):
+            with open(_LOG, "a") as f:
+                f.write(f"{name} {args[0].numel() // max(1, args[0].shape[-1])}\n")  # rows (tokens)
+            return launch(*args, **kwargs)
+
+        setattr(module, name, run)
+
+    _recorded(norm_linear, "norm_linear_triton")
+    _recorded(narrow_linear, "narrow_linear_triton")
