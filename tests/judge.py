@@ -178,7 +178,9 @@ def assert_decode_kernels_match_reference(engine: str, root) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     launches = open(log).read().split() if os.path.exists(log) else []
     rows = {name: [int(n) for kind, n in zip(launches[::2], launches[1::2]) if kind == name]
-            for name in ("norm_linear_triton", "narrow_linear_triton")}
-    for name, seen in rows.items():  # decode steps: one row per running request
-        assert any(n <= 3 for n in seen), f"{engine} never ran {name} at decode size: {sorted(set(seen))}"
+            for name in ("norm_linear_triton", "narrow_linear_triton", "norm_linear_torch")}
+    for name in ("norm_linear_triton", "narrow_linear_triton"):  # decode steps: a row per request
+        assert any(n <= 3 for n in rows[name]), f"{engine} never ran {name} at decode size: {sorted(set(rows[name]))}"
+    if engine == "vllm":  # one graph for every size: the 300-token prefill takes the op's unfused path
+        assert any(n > 256 for n in rows["norm_linear_torch"]), "vllm: no prefill took norm_linear's unfused path"
 

@@ -2,9 +2,10 @@
 
 Loaded through PYTHONPATH by ``judge.assert_decode_kernels_match_reference`` only, in the
 process it starts and in any engine process that one starts (SGLang's scheduler).  With
-``CONVGPT_TEST_KERNEL_LOG`` set, each call of ``norm_linear_triton`` or ``narrow_linear_triton``
-appends that name to the file: the test then knows the engine went through the kernels and
-not around them.  The kernels themselves are untouched.
+``CONVGPT_TEST_KERNEL_LOG`` set, each call of ``norm_linear_triton``, ``narrow_linear_triton``
+or ``norm_linear_torch`` (norm_linear's unfused path for large batches) appends that name and
+its rows to the file: the test then knows the engine went through the kernels and not around
+them.  The functions themselves are untouched.
 """
 
 import os
@@ -24,4 +25,5 @@ if _LOG:
         setattr(module, name, run)
 
     _recorded(norm_linear, "norm_linear_triton")
+    _recorded(norm_linear, "norm_linear_torch")
     _recorded(narrow_linear, "narrow_linear_triton")
