@@ -51,12 +51,24 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def kernel_takes(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """True when this module's Triton kernels can run on ``x``: triton there, CUDA or the
+    interpreter, a dtype with tensor-core dots (float64 keeps the torch paths); with ``weight``,
+    also a 2-D matrix in ``x``'s dtype whose rows are as wide as ``x``'s."""
+    return (
+        triton_available()
+        and (x.is_cuda or _interpreting())
+        and x.dtype in _SUPPORTED_DTYPES
+        and (weight is None or (weight.dtype == x.dtype and weight.dim() == 2 and x.shape[-1] == weight.shape[1]))
+    )
+
+
 def fused_compress_available(x: torch.Tensor) -> bool:
     """True when the fused Triton compressor can run on ``x`` (CUDA, or the interpreter).
 
     float64 inputs (no tensor-core dot) keep the torch path.
     """
-    return triton_available() and (x.is_cuda or _interpreting()) and x.dtype in _SUPPORTED_DTYPES
+    return kernel_takes(x)
 
 
 def _d_blocks(D: int, split_d: bool = True) -> tuple[int, int]:
@@ -137,15 +149,16 @@ def _compress_kernel_src(
                  mask=mask_t[:, None] & (offs_b[None, :] < D))
 
 
-_KERNELS: dict[bool, Any] = {}
+_JITTED: dict[tuple[Any, bool], Any] = {}
 
 
-def _kernel():
-    """The jit kernel for the current TRITON_INTERPRET setting (built once per setting)."""
-    interp = _interpreting()
-    k = _KERNELS.get(interp)
+def jitted(src):
+    """``src`` as a Triton kernel for the current TRITON_INTERPRET setting (built once per
+    setting): the compressor's, norm_linear's and narrow_linear's kernels."""
+    key = (src, _interpreting())
+    k = _JITTED.get(key)
     if k is None:
-        k = _KERNELS[interp] = triton.jit(_compress_kernel_src)
+        k = _JITTED[key] = triton.jit(src)
     return k
 
 
@@ -229,7 +242,7 @@ def fused_compress(
     upcast = _interpreting() and x.dtype == torch.bfloat16
     precision = "ieee" if x.dtype == torch.float32 or upcast else "tf32"
     grid = (triton.cdiv(T, bt),)
-    _kernel()[grid](
+    jitted(_compress_kernel_src)[grid](
         x2, folded_t, g1, y2,
         T, x2.stride(0), folded_t.stride(0), y2.stride(0),
         float(eps), float(D) ** -0.5,

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .kernels import _SUPPORTED_DTYPES, _interpreting, register_op, tl, triton
+from .kernels import _interpreting, jitted, kernel_takes, register_op, tl, triton
 from .norm_linear import _as_rows, _rows
 
 BLOCK_N = 16  # output columns per program: D = 144 is nine blocks
@@ -46,15 +45,7 @@ def narrow_linear_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True when :func:`narrow_linear` runs the Triton kernel for this input and weight (the
     rows decide between the kernel and cuBLAS when it runs).  ``CONVGPT_NARROW_LINEAR=0`` in
     the environment turns the kernel off (cuBLAS everywhere), to rule it out or measure it."""
-    return (
-        triton is not None
-        and os.environ.get("CONVGPT_NARROW_LINEAR", "1") != "0"
-        and (x.is_cuda or _interpreting())
-        and x.dtype in _SUPPORTED_DTYPES
-        and weight.dtype == x.dtype
-        and weight.dim() == 2
-        and x.shape[-1] == weight.shape[1]
-    )
+    return os.environ.get("CONVGPT_NARROW_LINEAR", "1") != "0" and kernel_takes(x, weight)
 
 
 def _narrow_linear_src(
@@ -103,17 +94,6 @@ def _narrow_linear_src(
                 total += tl.load(part_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(out, total.to(y_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(counter, 0)
-
-
-_KERNELS: dict[bool, Any] = {}
-
-
-def _kernel():
-    interp = _interpreting()
-    k = _KERNELS.get(interp)
-    if k is None:
-        k = _KERNELS[interp] = triton.jit(_narrow_linear_src)
-    return k
 
 
 _COUNTER_BUFFERS: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -175,7 +155,7 @@ def narrow_linear_triton(
         split, k_per_split = 1, triton.cdiv(K, bk) * bk
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     upcast = _interpreting() and x.dtype != torch.float32  # the interpreter multiplies 16-bit tiles as integers
-    _kernel()[(triton.cdiv(M, bm), triton.cdiv(N, BLOCK_N), split)](
+    jitted(_narrow_linear_src)[(triton.cdiv(M, bm), triton.cdiv(N, BLOCK_N), split)](
         x2, weight, y.view(-1, N), part, _counters(x.device),
         M, N, K, x2.stride(0), weight.stride(0), N, k_per_split,
         SPLIT=split, BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_K=bk,

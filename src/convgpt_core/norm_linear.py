@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .kernels import _SUPPORTED_DTYPES, _d_blocks, _interpreting, register_op, tl, triton
+from .kernels import _d_blocks, _interpreting, jitted, kernel_takes, register_op, tl, triton
 
 MAX_K = 512  # rows of the stream are held in registers: D up to this width
 # Up to this many rows (tokens) the kernel runs; more take the unfused ops (cuBLAS for the
@@ -52,12 +51,8 @@ def norm_linear_available(x: torch.Tensor, weight: torch.Tensor, *, max_rows: in
     ``x`` has at most ``max_rows`` rows.  ``max_rows=None``: for a graph traced once for every
     batch size, which leaves the choice by rows to the custom op at run time."""
     return (
-        triton is not None
-        and (x.is_cuda or _interpreting())
-        and x.dtype in _SUPPORTED_DTYPES
-        and weight.dtype == x.dtype
-        and weight.dim() == 2
-        and x.shape[-1] == weight.shape[1] <= MAX_K
+        kernel_takes(x, weight)
+        and weight.shape[1] <= MAX_K
         and (max_rows is None or _rows(x) <= max_rows)
     )
 
@@ -145,30 +140,18 @@ def _silu_mul_src(g_ptr, y_ptr, M, N, stride_g, stride_y, BLOCK: tl.constexpr):
     tl.store(y_ptr + m * stride_y + offs, (gate * tl.sigmoid(gate) * up).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-_KERNELS: dict[tuple[str, bool], Any] = {}
-
-
-def _kernel(src=None):
-    src = src or _norm_linear_src
-    key = (src.__name__, _interpreting())
-    k = _KERNELS.get(key)
-    if k is None:
-        k = _KERNELS[key] = triton.jit(src)
-    return k
-
-
 def _silu_mul(y: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up of the merged gate/up output in one pass (what the engines' activation
     kernels do) where Triton runs, torch's two ops elsewhere."""
     n = y.shape[-1] // 2
-    if triton is None or not (y.is_cuda or _interpreting()) or y.dtype not in _SUPPORTED_DTYPES:
+    if not kernel_takes(y):
         gate, up = y.chunk(2, dim=-1)
         return F.silu(gate) * up
     g2 = _as_rows(y)
     out = torch.empty(*y.shape[:-1], n, dtype=y.dtype, device=y.device)
     if out.numel():
         block = 1024
-        _kernel(_silu_mul_src)[(g2.shape[0], triton.cdiv(n, block))](
+        jitted(_silu_mul_src)[(g2.shape[0], triton.cdiv(n, block))](
             g2, out.view(-1, n), g2.shape[0], n, g2.stride(0), n, BLOCK=block, num_warps=4)
     return out
 
@@ -196,7 +179,7 @@ def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, block_m, block_n, 
     precision = "ieee" if x2.dtype == torch.float32 or upcast else "tf32"
     has_res = r2 is not None
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    _kernel()[grid](
+    jitted(_norm_linear_src)[grid](
         x2, r2 if has_res else x2, s2 if has_res else x2, norm_weight, weight, y2,
         M, N, x2.stride(0), r2.stride(0) if has_res else 0, s2.stride(0) if has_res else 0,
         weight.stride(0), y2.stride(0), float(eps),
