@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -186,3 +187,16 @@ def narrow_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if _HAVE_OP and torch.compiler.is_compiling():
         return torch.ops.convgpt.narrow_linear(x, weight)
     return _kernel_or_cublas(x, weight)
+
+
+def to_stream(linear: torch.nn.Module, plain: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """o_proj or down on the adapters' fused path: :func:`narrow_linear` when the engine's
+    linear is ``plain`` (unquantized, not wrapped for LoRA: the adapter's check against its
+    engine's classes) and holds the whole 2-D weight (one tensor-parallel rank), otherwise the
+    engine's row-parallel layer itself, which also all-reduces (both engines' linears return
+    ``(output, bias)``)."""
+    weight = getattr(linear, "weight", None)
+    if plain and weight is not None and weight.dim() == 2 and weight.shape[1] == getattr(linear, "input_size", -1):
+        return lambda x: narrow_linear(x, weight)
+    return lambda x: linear(x)[0]
+

@@ -633,3 +633,27 @@ def test_gpu_narrow_linear_in_a_cuda_graph(gpu):
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(y.double().cpu(), x2 @ w.T, rtol=3e-2, atol=3e-2)
+
+
+def test_to_stream_takes_the_kernel_only_for_a_whole_plain_weight(monkeypatch):
+    """The adapters' o_proj/down: narrow_linear for a plain weight holding all of K, the engine's
+    layer (its (output, bias) answer, and its all-reduce under TP) for a shard or a wrapped one."""
+
+    class Linear(torch.nn.Module):
+        def __init__(self, k_local: int, k_total: int):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(8, k_local), requires_grad=False)
+            self.input_size = k_total
+
+        def forward(self, x):
+            return torch.full((*x.shape[:-1], 8), 7.0), None  # the engine's own path, recognisable
+
+    calls = []
+    monkeypatch.setattr(nar, "narrow_linear", lambda x, w: calls.append(w) or x @ w.T)
+    whole, shard = Linear(16, 16), Linear(16, 32)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(nar.to_stream(whole, plain=True)(x), x @ whole.weight.T)
+    assert calls == [whole.weight]
+    for linear, plain in ((whole, False), (shard, True)):
+        assert torch.equal(nar.to_stream(linear, plain)(x), torch.full((3, 8), 7.0))
+    assert len(calls) == 1

@@ -43,7 +43,7 @@ from convgpt_core.compressor import CausalConvPool, ScaleNorm, after_loading
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 from convgpt_core.kernels import compress, warm_up
 from convgpt_core.lora import fused_linear_dims
-from convgpt_core.narrow_linear import narrow_linear
+from convgpt_core.narrow_linear import to_stream
 from convgpt_core.norm_linear import fused_decoder_layer, norm_linear_available
 
 
@@ -55,15 +55,6 @@ def _prefix(prefix: str, name: str) -> str:
 def _plain(linear: nn.Module) -> bool:
     """An engine linear with its weight as loaded: not quantized, not wrapped for LoRA."""
     return isinstance(linear, LinearBase) and isinstance(linear.quant_method, UnquantizedLinearMethod)
-
-
-def _to_stream(linear: nn.Module):
-    """o_proj or down on the fused path: the core's split-K kernel for a whole plain weight
-    (one tensor-parallel rank), otherwise the engine's row-parallel layer (and its all-reduce)."""
-    weight = getattr(linear, "weight", None)
-    if _plain(linear) and weight is not None and weight.dim() == 2 and weight.shape[1] == getattr(linear, "input_size", -1):
-        return lambda x: narrow_linear(x, weight)
-    return lambda x: linear(x)[0]
 
 
 class ConvGPTMLP(nn.Module):
@@ -150,9 +141,9 @@ class ConvGPTDecoderLayer(nn.Module):
             attn, mlp = self.self_attn, self.mlp
             return fused_decoder_layer(
                 h, residual, (self.norm1.weight, self.norm1.variance_epsilon), attn.qkv_proj.weight,
-                lambda qkv: attn.attend(positions, qkv, forward_batch), _to_stream(attn.o_proj),
+                lambda qkv: attn.attend(positions, qkv, forward_batch), to_stream(attn.o_proj, _plain(attn.o_proj)),
                 (self.norm2.weight, self.norm2.variance_epsilon), mlp.gate_up_proj.weight,
-                _to_stream(mlp.down_proj),
+                to_stream(mlp.down_proj, _plain(mlp.down_proj)),
             )
         if residual is None:
             residual = h
