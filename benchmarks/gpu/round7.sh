@@ -3,7 +3,7 @@
 # bf16 on CUDA, vLLM's q/k-norm + RoPE pass, and why SGLang's first piecewise-graph capture of
 # ConvGPT takes minutes.  Run by `gpu.sh bg benchmarks/gpu/round7.sh` after the vLLM parts are
 # staged and installed, with .gpu/sglang/part-1 carried.  Most needed first; engines one at a
-# time (round 6 ran two parity engines side by side and lost a vLLM start to it).
+# time, in the order of need (round 6 ran two parity engines side by side and lost a vLLM start to it).
 G="bash benchmarks/gpu/gpu.sh"
 R=/root/results
 ($G stage .gpu/sglang/part-1 /root/stage-sgl && $G install sglang) > $R/install-sglang.txt 2>&1 &
@@ -16,10 +16,10 @@ if grep -q "narrow_linear off" $R/kernel_tests_r7.txt; then export CONVGPT_NARRO
 CONVGPT_PARITY_GEOMETRIES=tied-F16-k3,untied-F36-k5-kv1 $G parity vllm - parity_vllm_h200_bf16_r7
 $G e2e vllm - e2e_vllm_h200_r7 --rounds 5 --decode-tokens 128 --trace /root/trace-vllm
 wait $SGL
-PYTHONUNBUFFERED=1 PYTHONPATH=/root/site-sgl:$PWD/tests timeout 400 python3 -m pytest -q -s -rA tests/sglang -k lora \
-  -p no:cacheprovider > $R/sglang_lora_gpu_r7.txt 2>&1
 CONVGPT_PARITY_GEOMETRIES=tied-F16-k3,untied-F36-k5-kv1 $G parity sglang - parity_sglang_h200_bf16_r7
-$G e2e vllm - e2e_vllm_h200_qknormrope --rounds 5 --decode-tokens 128 --vllm-pass enable_qk_norm_rope_fusion \
-  --trace /root/trace-vllm-qk
 TORCH_LOGS=recompiles,graph_breaks $G e2e sglang - e2e_sglang_h200_r7 --rounds 5 --decode-tokens 128 --gpu-mem 0.8 \
   --trace /root/trace-sgl
+PYTHONUNBUFFERED=1 PYTHONPATH=/root/site-sgl:$PWD/tests timeout 400 python3 -m pytest -q -s -rA tests/sglang -k lora \
+  -p no:cacheprovider > $R/sglang_lora_gpu_r7.txt 2>&1
+$G e2e vllm - e2e_vllm_h200_qknormrope --rounds 5 --decode-tokens 128 --vllm-pass enable_qk_norm_rope_fusion \
+  --trace /root/trace-vllm-qk
