@@ -227,7 +227,8 @@ def traces(args, paths: dict[str, str], trace_dir: str) -> dict:
             print(name, label, json.dumps({k: stats[k] for k in ("busy_ms", "kernels", "attention_share")}),
                   file=sys.stderr, flush=True)
         file = profiled(b, folder, b.prompts(min(args.prefill_n or 32, 32), args.prefill_len), 1)
-        out[name]["prefill"] = dict(tr.op_classes(tr.kernels(file)), trace=os.path.basename(file))
+        out[name]["prefill"] = dict(tr.op_classes(tr.kernels(file)), trace=os.path.basename(file),
+                                    cpu_ops=tr.top_host(tr.window(file)))  # where the host's time went
         b.engine.stop()
         del b
         gc.collect()
@@ -290,6 +291,8 @@ def table(data: dict) -> str:
                 span = (f" in a {s['span_ms']:.1f} ms span, GPU idle {s['idle_ms']:.1f} ms" if "span_ms" in s
                         else "")  # results before round 7 have no span
                 lines.append(f"{name} prefill GPU ms by op class: total {s['total_ms']:.1f}{span}: {parts}")
+                if s.get("cpu_ops"):  # from round 8 (nested ops counted in each)
+                    lines.append("    CPU ops (calls, ms): " + "; ".join(f"{n} x{c} {ms}" for n, c, ms in s["cpu_ops"]))
     host = data["result"].get("host_traces")
     if host:
         lines.append("")

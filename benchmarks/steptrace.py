@@ -133,6 +133,13 @@ def decode_per_step(long: dict, short: dict, steps: int, top: int = 25) -> dict:
     }
 
 
+def top_host(win: dict, kind: str = "cpu", top: int = 12) -> list:
+    """The ``top`` host events of a :func:`window` (``kind`` "cpu" or "runtime") by total time:
+    [name, calls, ms], longest first; a prefill's view of where the host spent its time."""
+    ranked = sorted(win[kind].items(), key=lambda kv: -kv[1][1])[:top]
+    return [[n, c, round(us / 1e3, 3)] for n, (c, us) in ranked]
+
+
 def op_class(name: str) -> str:
     return next((cls for cls, pattern in CLASSES if pattern.search(name)), "other")
 

@@ -63,6 +63,16 @@ def test_prefill_span_and_idle_time():
     assert steptrace.op_classes([])["span_ms"] == 0.0
 
 
+def test_prefill_host_time_is_ranked_by_event(tmp_path):
+    # three steps: three annotations (one name, 50 us each) and three graph launches (20 us each)
+    win = steptrace.window(_trace(tmp_path / "t.json.gz", 3))
+    assert steptrace.top_host(win) == [["execute_context_#(#)_generation_#(#)", 3, 0.15]]
+    assert steptrace.top_host(win, "runtime") == [["cudaGraphLaunch", 3, 0.06]]
+    win["cpu"]["aten::mm"] = [7, 400.0]
+    assert [n for n, _, _ in steptrace.top_host(win)] == ["aten::mm", "execute_context_#(#)_generation_#(#)"]
+    assert steptrace.top_host(win, top=1) == [["aten::mm", 7, 0.4]]
+
+
 def test_fused_norm_linear_kernels_have_their_own_class():
     # the Triton kernels of convgpt_core.norm_linear are named after their source functions
     from convgpt_core import narrow_linear, norm_linear
