@@ -129,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("engine_args", nargs=argparse.REMAINDER, help="passed to the engine's server")
     srv.set_defaults(func=_serve)
     args = parser.parse_args(argv)
-    from convgpt_core.checkpoint import CheckpointError
-
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
+    # convgpt_core's CheckpointError is a ValueError: a one-line error, and none of torch is
+    # imported to report the mistakes found before the work starts (an existing OUT, say)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
         print(f"convgpt {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
