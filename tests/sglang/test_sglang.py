@@ -6,8 +6,10 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import urllib.request
 
+import psutil
 import pytest
 import torch
 
@@ -61,7 +63,7 @@ def server(offline_texts, trained_dir, tmp_path_factory):
     # SGLang accepts input_embeds only with the radix cache off (the offline tests cover it on).
     server = servers.start("sglang", path, *servers.engine_args("sglang", embeds=True))
     try:
-        yield server.base, path
+        yield server
     finally:
         server.stop()
 
@@ -75,7 +77,7 @@ def _post(url, body):
 def test_served_generate_completion_and_chat_equal_offline(server, offline_texts):
     from openai import OpenAI
 
-    base, _ = server
+    base = server.base
     native = _post(f"{base}/generate", {"text": PROMPT, "sampling_params": {"temperature": 0, "max_new_tokens": 16}})
     client = OpenAI(base_url=f"{base}/v1", api_key="none")
     comp = client.completions.create(model=servers.SERVED_NAME, prompt=PROMPT, max_tokens=16, temperature=0)
@@ -89,7 +91,7 @@ def test_served_generate_completion_and_chat_equal_offline(server, offline_texts
 def test_input_embeds_equal_token_path(server, trained_dir):
     """`input_embeds` (H-wide) go through the compressor; ids through the compressed table;
     both match the reference."""
-    base, _ = server
+    base = server.base
     ps = prompts(512, lengths=(12, 40), seed=4)
     common = {"sampling_params": {"temperature": 0, "max_new_tokens": STEPS, "ignore_eos": True},
               "return_logprob": True, "top_logprobs_num": 5}
@@ -99,6 +101,18 @@ def test_input_embeds_equal_token_path(server, trained_dir):
     for label, outputs in (("ids", by_ids), ("input_embeds", by_embeds)):
         records = [drivers.sglang_record(p, o, 5) for p, o in zip(ps, outputs)]
         assert_matches_reference(trained_dir, ps, records, STEPS, label=f"{label} via server")
+
+
+@pytest.mark.skipif(cuda_available(), reason="the CPU default (sleep_on_idle) is what is tested")
+def test_idle_server_leaves_the_cpu_free(server):
+    """An idle `convgpt serve sglang` on a CPU machine sleeps: SGLang's scheduler otherwise polls
+    its sockets in a busy loop, a whole core taken from the work of every other process."""
+    procs = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
+    for p in procs:
+        p.cpu_percent(None)
+    time.sleep(3)
+    busy = {f"{p.pid} {p.name()}": p.cpu_percent(None) for p in procs if p.is_running()}
+    assert sum(busy.values()) < 30, f"an idle server used {sum(busy.values()):.0f}% CPU: {busy}"
 
 
 def test_malformed_checkpoint_fails_at_load_naming_the_tensor(tiny_dirs, tmp_path):
