@@ -7,11 +7,15 @@ vLLM and SGLang pin different torch builds, so each engine lives in its own virt
 under ``.nox/_engines/<engine>``.  Every session that needs an engine (its tests, its parity
 run, the demo) shares that one environment; it is installed once and reused while the
 install recipe is unchanged.  This project goes into it as a wheel built afresh each time,
-so the tests see what a user's `pip install` gives, not the source tree.
+so the tests see what a user's `pip install` gives, not the source tree.  The sessions without
+an engine (core, the float64 reference and the comparison of parity) share one environment
+the same way, ``.nox/_engines/core`` (the project editable), and core's run on the oldest
+transformers another: each torch install costs a minute on CI's machine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +44,12 @@ ENGINE_RECIPES = {
     "sglang": (["sglang==0.5.16" if HAS_CUDA else "sglang==0.5.23"], []),
 }
 TEST_DEPS = ["pytest>=8", "openai>=1.50", "httpx", "psutil"]
+OLDEST_TRANSFORMERS = "5.12.1"  # SGLang 0.5.16's pin, the oldest we support
+# The environments without an engine: the project editable, CPU torch, the Triton interpreter.
+CORE_RECIPES = {
+    "core": [CORE_TORCH, "triton", *TEST_DEPS],
+    f"core-transformers-{OLDEST_TRANSFORMERS}": [CORE_TORCH, "triton", *TEST_DEPS, f"transformers=={OLDEST_TRANSFORMERS}"],
+}
 # Engine start-ups on CPU: small KV cache, spawn-safe workers, no hub access.
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -56,45 +66,59 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "noxfile.py")
 
 
-@nox.session
-@nox.parametrize("transformers", ["latest", "5.12.1"])
+@nox.session(venv_backend="none")
+@nox.parametrize("transformers", ["latest", OLDEST_TRANSFORMERS])
 def core(session: nox.Session, transformers: str) -> None:
     """Config, compressor, kernels (Triton interpreter), checkpoints, reference model; on the
     newest transformers and on the oldest we support (SGLang 0.5.16's pin), whose loading differs."""
-    session.install(CORE_TORCH)
-    session.install("-e", ".", *TEST_DEPS, "triton")
     tests = ["tests/core"]
     if transformers != "latest":
-        session.install(f"transformers=={transformers}")
         # what transformers touches: configs, checkpoints and the CLI, the reference model
         tests = [f"tests/core/test_{name}.py" for name in ("config", "checkpoint", "reference_model")]
-    session.run("pytest", *tests, *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+    python = core_python(session, "core" if transformers == "latest" else f"core-transformers-{transformers}")
+    session.run(python, "-m", "pytest", *tests, *session.posargs, env={"HF_HUB_OFFLINE": "1"}, external=True)
+
+
+def shared_env(session: nox.Session, name: str, install: list[str], remove: list[str], recipe: dict) -> str:
+    """The python of the shared virtualenv ``.nox/_engines/NAME``, made with ``pip install
+    INSTALL`` (then ``pip uninstall REMOVE``) on first use and whenever ``recipe`` changes."""
+    env_dir = ENGINES / name
+    python = env_dir / "bin" / "python"
+    stamp = env_dir / "convgpt-recipe.json"
+    recipe = json.dumps(recipe)
+    if not (python.exists() and stamp.exists() and stamp.read_text() == recipe):
+        shutil.rmtree(env_dir, ignore_errors=True)
+        session.run(sys.executable, "-m", "venv", str(env_dir), external=True)
+        session.run(str(python), "-m", "pip", "install", "-q", "-U", "pip", external=True)
+        session.run(str(python), "-m", "pip", "install", *install, external=True)
+        if remove:
+            session.run(str(python), "-m", "pip", "uninstall", "-y", *remove, external=True)
+        stamp.write_text(recipe)
+    return str(python)
+
+
+def core_python(session: nox.Session, name: str) -> str:
+    """A shared environment without an engine (``CORE_RECIPES``): this tree editable, so it is
+    made anew when pyproject.toml (the dependencies) changes."""
+    pyproject = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    return shared_env(session, name, [*CORE_RECIPES[name], "-e", str(ROOT)], [],
+                      {"packages": CORE_RECIPES[name], "pyproject": pyproject})
 
 
 def engine_python(session: nox.Session, engine: str) -> str:
     """The python of the shared virtualenv of ``engine``, installed on first use."""
     packages, remove = ENGINE_RECIPES[engine]
-    env_dir = ENGINES / engine
-    python = env_dir / "bin" / "python"
-    stamp = env_dir / "convgpt-recipe.json"
-    recipe = json.dumps({"packages": packages, "remove": remove, "test": TEST_DEPS})
-    if not (python.exists() and stamp.exists() and stamp.read_text() == recipe):
-        shutil.rmtree(env_dir, ignore_errors=True)
-        session.run(sys.executable, "-m", "venv", str(env_dir), external=True)
-        session.run(str(python), "-m", "pip", "install", "-q", "-U", "pip", external=True)
-        session.run(str(python), "-m", "pip", "install", *packages, *TEST_DEPS, external=True)
-        if remove:
-            session.run(str(python), "-m", "pip", "uninstall", "-y", *remove, external=True)
-        stamp.write_text(recipe)
+    python = shared_env(session, engine, [*packages, *TEST_DEPS], remove,
+                        {"packages": packages, "remove": remove, "test": TEST_DEPS})
     # The project itself as a user gets it: a wheel built from this tree, installed without
     # dependency changes to the engine's pins (tests then import the wheel, not src/).
     dist = ROOT / "build" / "dist"
     shutil.rmtree(dist, ignore_errors=True)
-    session.run(str(python), "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(ROOT), external=True)
+    session.run(python, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(ROOT), external=True)
     wheel = next(dist.glob("convgpt-*.whl"))
-    session.run(str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel),
+    session.run(python, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel),
                 external=True)
-    return str(python)
+    return python
 
 
 def engine_env(session: nox.Session, engine: str, python: str) -> dict[str, str]:
@@ -144,13 +168,12 @@ def reliability(session: nox.Session, engine: str) -> None:
     run_in_engine(session, engine, "tests/reliability/suite.py", engine, *session.posargs)
 
 
-@nox.session(name="parity-reference")
+@nox.session(name="parity-reference", venv_backend="none")
 def parity_reference(session: nox.Session) -> None:
     """The parity matrix through the float64 reference: build/parity/reference.json
     (`-- --fp8`: instead, with each engine's fp8 weight rounding, reference-fp8-{tensor,channel}.json)."""
-    session.install(CORE_TORCH)
-    session.install("-e", ".")
-    session.run("python", f"{PARITY}/run_reference.py", *session.posargs, env={"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests")})
+    session.run(core_python(session, "core"), f"{PARITY}/run_reference.py", *session.posargs,
+                env={"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests")}, external=True)
 
 
 @nox.session(name="parity-vllm", venv_backend="none")
@@ -216,12 +239,11 @@ def parity_tp2_pp2(session: nox.Session, engine: str) -> None:
     run_parallel(session, engine, {"tp2-pp2": TP_PP_RUN})
 
 
-@nox.session(requires=["parity-reference", "parity-vllm", "parity-sglang"])
+@nox.session(requires=["parity-reference", "parity-vllm", "parity-sglang"], venv_backend="none")
 def parity(session: nox.Session) -> None:
     """Compare vLLM and SGLang with the reference and with each other; prints the table."""
-    session.install(CORE_TORCH)
-    session.install("-e", ".")
-    session.run("python", f"{PARITY}/compare.py", *session.posargs, env={"PYTHONPATH": str(ROOT / "tests")})
+    session.run(core_python(session, "core"), f"{PARITY}/compare.py", *session.posargs,
+                env={"PYTHONPATH": str(ROOT / "tests")}, external=True)
 
 
 @nox.session(name="bench-compressor", default=False)
