@@ -266,8 +266,9 @@ def test_streaming_checker_names_the_tensor_at_once():
         TensorChecker(config).see_tensor("model.norm.weight", torch.ones(256, dtype=torch.int8))
 
 
-def test_cli_help_and_version_import_no_torch():
-    """`convgpt --help` stays quick: the CLI imports torch only for a subcommand's work."""
+def test_cli_help_and_version_import_no_torch(tmp_path):
+    """`convgpt --help` stays quick: the CLI imports torch only for a subcommand's work (and
+    not to report a mistake found before it, like an OUT that already holds a checkpoint)."""
     from convgpt import __version__
     from convgpt.cli import PRESET_NAMES
     from convgpt_core.tiny import PRESETS
@@ -280,5 +281,8 @@ def test_cli_help_and_version_import_no_torch():
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"convgpt {__version__}"
+    (tmp_path / "config.json").write_text("{}")
+    r = subprocess.run([sys.executable, "-c", code, "make-tiny", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0 and "pass --force" in r.stderr, r.stderr
     r = subprocess.run([sys.executable, "-m", "convgpt", "inspect", "/nonexistent"], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no config.json" in r.stderr
