@@ -1,6 +1,7 @@
 # Round 8 (what round 7 left): SGLang end to end with its engine start explained (recompiles and
 # graph breaks logged), vLLM end to end with the prefill's CPU ops ranked (where its GPU idle time
-# goes), the SGLang LoRA test in bf16 on CUDA, and vLLM's q/k-norm + RoPE pass.  Run by
+# goes) and with a 32k-token prefill budget, the SGLang LoRA test in bf16 on CUDA, and vLLM's
+# q/k-norm + RoPE pass.  Run by
 # `gpu.sh bg benchmarks/gpu/round8.sh` after the vLLM parts are staged and installed, with
 # .gpu/sglang/part-1 carried.  Most needed first; engines one at a time.
 G="bash benchmarks/gpu/gpu.sh"
@@ -11,6 +12,9 @@ $G e2e vllm - e2e_vllm_h200_r8 --rounds 5 --decode-tokens 128 --trace /root/trac
 wait $SGL
 TORCH_LOGS=recompiles,graph_breaks $G e2e sglang - e2e_sglang_h200_r8 --rounds 5 --decode-tokens 128 --gpu-mem 0.8 \
   --trace /root/trace-sgl
+# prefill with a 32k-token budget per engine step for both models: does vLLM's per-step host work
+# (the same for both) cap ConvGPT's cheaper prefill at the engine's default budget?
+$G e2e vllm - e2e_vllm_h200_r8_chunk32k --rounds 5 --decode-tokens 32 --no-batch1 --chunk 32768
 PYTHONUNBUFFERED=1 PYTHONPATH=/root/site-sgl:$PWD/tests timeout 400 python3 -m pytest -q -s -rA tests/sglang -k lora \
   -p no:cacheprovider > $R/sglang_lora_gpu_r8.txt 2>&1
 $G e2e vllm - e2e_vllm_h200_qknormrope --rounds 5 --decode-tokens 128 --vllm-pass enable_qk_norm_rope_fusion \
