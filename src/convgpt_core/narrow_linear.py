@@ -199,4 +199,3 @@ def to_stream(linear: torch.nn.Module, plain: bool) -> Callable[[torch.Tensor], 
     if plain and weight is not None and weight.dim() == 2 and weight.shape[1] == getattr(linear, "input_size", -1):
         return lambda x: narrow_linear(x, weight)
     return lambda x: linear(x)[0]
-
