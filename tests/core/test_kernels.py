@@ -456,24 +456,56 @@ def test_norm_linear_rows_pick_kernel_or_torch(interp, monkeypatch):
     assert calls == [nl.MAX_ROWS]
 
 
-def test_norm_linear_under_torch_compile(interp):
-    """The adapters call it inside vLLM's compiled forward: opaque to Dynamo, both results."""
-    x, r, nw, w = _nl_case(9, 144, 40, True)
+def _record_runs(monkeypatch, module, *names, calls=None):
+    """Record (name, rows) in ``calls`` (a new list by default) for each call of ``module``'s
+    functions ``names`` that runs (not while torch.compile traces through them)."""
+    calls = [] if calls is None else calls
+
+    def recorded(name, fn):
+        def run(*a, **k):
+            if not torch.compiler.is_compiling():
+                calls.append((name, a[0].shape[0]))
+            return fn(*a, **k)
+        return run
+
+    for name in names:
+        monkeypatch.setattr(module, name, recorded(name, getattr(module, name)))
+    return calls
+
+
+def _one_graph_for_every_size(fn, inputs):
+    """``fn`` compiled once, as vLLM compiles its model (rows dynamic), run on every input in
+    turn; a recompilation for another size fails."""
+    outs = []
+    for i, args in enumerate(inputs):
+        for t in args:
+            torch._dynamo.mark_dynamic(t, 0)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            outs.append(fn(*args))
+    return outs
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["add", "first-layer"])
+def test_norm_linear_under_torch_compile(interp, monkeypatch, residual):
+    """Inside vLLM's compiled forward (one graph for every batch size): decode-sized inputs go
+    through the opaque op and its kernel, prefill-sized ones through plain aten ops in the
+    graph, without a Python op call; all match float64."""
+    calls = _record_runs(monkeypatch, nl, "norm_linear_triton", "norm_linear_torch")
+    x, r, nw, w = _nl_case(nl.MAX_ROWS + 3, 144, 40, True)
     f = torch.float32
     torch._dynamo.reset()
-    fn = torch.compile(lambda a, b: nl.norm_linear(a, b, nw.to(f), 1e-6, w.to(f), True), fullgraph=True,
-                       backend="aot_eager")
-    big = _nl_case(nl.MAX_ROWS + 3, 144, 40, True)
-    for a, b in ((x[:4], r[:4]), (x, r), big[:2]):  # the last one: torch's ops inside the op
-        want_y, want_s = _nl_reference(a, b, nw, 1e-6, w, True)
-        y, s = fn(a.to(f), b.to(f))
+    fn = torch.compile(lambda a, *b: nl.norm_linear(a, b[0] if b else None, nw.to(f), 1e-6, w.to(f), True),
+                       fullgraph=True, backend="aot_eager")
+    sizes = (4, nl.MAX_ROWS + 3, 9, nl.MAX_ROWS)
+    outs = _one_graph_for_every_size(fn, [(x[:m].to(f), r[:m].to(f)) if residual else (x[:m].to(f),) for m in sizes])
+    for m, (y, s) in zip(sizes, outs):
+        want_y, want_s = _nl_reference(x[:m], r[:m] if residual else None, nw, 1e-6, w, True)
         torch.testing.assert_close(y.double(), want_y, rtol=2e-5, atol=2e-5)
-        torch.testing.assert_close(s.double(), want_s)
-    fn = torch.compile(lambda a: nl.norm_linear(a, None, nw.to(f), 1e-6, w.to(f), True), fullgraph=True,
-                       backend="aot_eager")
-    y, s = fn(x.to(f))
-    assert s is None
-    torch.testing.assert_close(y.double(), _nl_reference(x, None, nw, 1e-6, w, True)[0], rtol=2e-5, atol=2e-5)
+        if residual:
+            torch.testing.assert_close(s.double(), want_s)
+        else:
+            assert s is None
+    assert calls == [("norm_linear_triton", m) for m in sizes if m <= nl.MAX_ROWS]
 
 
 @pytest.mark.parametrize("residual", [True, False], ids=["add", "first-layer"])
@@ -586,13 +618,16 @@ def test_narrow_linear_rows_pick_kernel_or_cublas(interp, monkeypatch):
     torch.testing.assert_close(nar.narrow_linear(x, w), x @ w.T)  # float64: F.linear
 
 
-def test_narrow_linear_under_torch_compile(interp):
-    x, w = _nar_case(9, 96, 24)
-    big = _nar_case(nar.MAX_ROWS + 3, 96, 24)[0]
+def test_narrow_linear_under_torch_compile(interp, monkeypatch):
+    """As norm_linear: the kernel through the op up to MAX_ROWS rows, F.linear in the graph above."""
+    calls = _record_runs(monkeypatch, nar, "_kernel_or_cublas")  # the op's body
+    x, w = _nar_case(nar.MAX_ROWS + 3, 96, 24)
     torch._dynamo.reset()
     fn = torch.compile(lambda a: nar.narrow_linear(a, w.float()), fullgraph=True, backend="aot_eager")
-    for a in (x[:2], x, big):  # the last one: cuBLAS inside the op
-        torch.testing.assert_close(fn(a.float()).double(), a @ w.T, rtol=2e-5, atol=2e-5)
+    sizes = (2, nar.MAX_ROWS + 3, 9)
+    for m, y in zip(sizes, _one_graph_for_every_size(fn, [(x[:m].float(),) for m in sizes])):
+        torch.testing.assert_close(y.double(), x[:m] @ w.T, rtol=2e-5, atol=2e-5)
+    assert calls == [("_kernel_or_cublas", m) for m in sizes if m <= nar.MAX_ROWS]
 
 
 def test_fused_decoder_layer_with_narrow_linears(interp):
@@ -608,6 +643,38 @@ def test_fused_decoder_layer_with_narrow_linears(interp):
     act, want_s = _nl_reference(qkv @ wo.T, s1, nw2, 1e-6, wgu, True)
     torch.testing.assert_close(y.double(), act @ wd.T, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s.double(), want_s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_fused_decoder_layer_under_inductor(gpu, monkeypatch, dtype):
+    """What vLLM compiles on CUDA: the fused layer (published widths) in one Inductor graph for
+    every size; decode sizes launch the kernels through the ops, prefill sizes the graph's
+    own fused code (no op call); all against float64."""
+    calls = _record_runs(monkeypatch, nl, "norm_linear_triton", "norm_linear_torch")
+    _record_runs(monkeypatch, nar, "_kernel_or_cublas", calls=calls)
+    big = 2 * nl.MAX_ROWS + 3
+    x, r, nw1, wqkv = _nl_case(big, 144, 2560, False)
+    _, _, nw2, wgu = _nl_case(big, 144, 3072, True)
+    wo, wd = _nar_case(5, 2048, 144)[1], _nar_case(5, 3072, 144)[1]
+    to = dict(device="cuda", dtype=dtype)
+    p = [t.to(**to) for t in (nw1, wqkv, wo, nw2, wgu, wd)]
+
+    def layer(h, res):
+        return nl.fused_decoder_layer(h, res, (p[0], 1e-6), p[1], lambda qkv: qkv[..., :2048],
+                                      lambda heads: nar.narrow_linear(heads, p[2]), (p[3], 1e-6), p[4],
+                                      lambda act: nar.narrow_linear(act, p[5]))
+
+    torch._dynamo.reset()
+    fn = torch.compile(layer, fullgraph=True)
+    sizes = (3, big, 64)
+    outs = _one_graph_for_every_size(fn, [(x[:m].to(**to), r[:m].to(**to)) for m in sizes])
+    for m, (y, s) in zip(sizes, outs):
+        qkv, s1 = _nl_reference(x[:m], r[:m], nw1, 1e-6, wqkv, False)
+        act, want_s = _nl_reference(qkv[:, :2048] @ wo.T, s1, nw2, 1e-6, wgu, True)
+        tol = 2 * NL_TOL[dtype]
+        torch.testing.assert_close(y.double().cpu(), act @ wd.T, rtol=tol, atol=tol)
+        torch.testing.assert_close(s.double().cpu(), want_s, rtol=tol, atol=tol)
+    assert sorted(m for _, m in calls) == [3] * 4 + [64] * 4  # two norm_linear and two narrow_linear each
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
