@@ -1,13 +1,18 @@
-# Round 8 (what round 7 left): SGLang end to end with its engine start explained (recompiles and
-# graph breaks logged), vLLM end to end with the prefill's CPU ops ranked (where its GPU idle time
-# goes) and with a 32k-token prefill budget, the SGLang LoRA test in bf16 on CUDA, and vLLM's
-# q/k-norm + RoPE pass.  Run by
-# `gpu.sh bg benchmarks/gpu/round8.sh` after the vLLM parts are staged and installed, with
-# .gpu/sglang/part-1 carried.  Most needed first; engines one at a time.
+# Round 8: the compiled graph's choice by rows (torch.cond: vLLM's prefill steps call no Python
+# op, Inductor fuses and launches their norms, GEMMs and activations): its GPU test under
+# Inductor, vLLM's bf16 parity, vLLM end to end with traces (the prefill's GPU idle time and CPU
+# ops); then what round 7 left: SGLang end to end with its engine start explained (recompiles
+# and graph breaks logged), vLLM with a 32k-token prefill budget, the SGLang LoRA test in bf16
+# on CUDA, vLLM's q/k-norm + RoPE pass.  Run by `gpu.sh bg benchmarks/gpu/round8.sh` after the
+# vLLM parts are staged and installed, with .gpu/sglang/part-1 carried.  Most needed first;
+# engines one at a time.
 G="bash benchmarks/gpu/gpu.sh"
 R=/root/results
 ($G stage .gpu/sglang/part-1 /root/stage-sgl && $G install sglang) > $R/install-sglang.txt 2>&1 &
 SGL=$!
+PYTHONPATH=$PWD/src:$PWD/tests python3 -m pytest -q -rf tests/core/test_kernels.py -k "gpu and (inductor or many_rows)" \
+  -p no:cacheprovider 2>&1 | tail -20 > $R/kernel_tests_r8.txt
+CONVGPT_PARITY_GEOMETRIES=tied-F16-k3,untied-F36-k5-kv1 $G parity vllm - parity_vllm_h200_bf16_r8
 $G e2e vllm - e2e_vllm_h200_r8 --rounds 5 --decode-tokens 128 --trace /root/trace-vllm
 wait $SGL
 TORCH_LOGS=recompiles,graph_breaks $G e2e sglang - e2e_sglang_h200_r8 --rounds 5 --decode-tokens 128 --gpu-mem 0.8 \
