@@ -9,27 +9,6 @@ Usage: TRITON_INTERPRET=1 python tests/decode_kernels_run.py ENGINE CHECKPOINT
 import sys
 
 
-def _record_steps() -> None:
-    """Log the tokens of every forward step the compiled vLLM model runs (the call into the
-    compiled graph, beside the kernel launches ``kernel_count_shim`` logs), so the test knows a
-    prefill step too large for the kernels ran."""
-    import os
-
-    import torch
-
-    from convgpt.vllm.model import ConvGPTModel
-
-    call = ConvGPTModel.__call__
-
-    def recorded(self, *args, **kwargs):
-        tokens = next(t.shape[0] for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
-        with open(os.environ["CONVGPT_TEST_KERNEL_LOG"], "a") as f:
-            f.write(f"forward {tokens}\n")
-        return call(self, *args, **kwargs)
-
-    ConvGPTModel.__call__ = recorded
-
-
 def main(engine: str, path: str) -> None:
     import drivers
     from helpers import prompts
@@ -45,7 +24,6 @@ def main(engine: str, path: str) -> None:
 
         pack = utils.dispatch_cpu_unquantized_gemm
         utils.dispatch_cpu_unquantized_gemm = lambda layer, remove_weight: pack(layer, remove_weight=False)
-        _record_steps()
     # vLLM compiled (as on CUDA): the kernels run inside its graph as the custom ops
     llm = drivers.start(engine, path, eager=engine != "vllm")
     try:

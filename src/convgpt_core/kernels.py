@@ -26,7 +26,6 @@ needs ``TRITON_INTERPRET=1`` set before that import.
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Any
 
@@ -282,18 +281,6 @@ def register_op(name: str, schema: str, impl, fake) -> bool:
         _LIBRARY.impl(name, impl, key)
     torch.library.register_fake(f"convgpt::{name}", lib=_LIBRARY)(fake)
     return True
-
-
-def by_rows(x: torch.Tensor, max_rows: int, small, large, operands: tuple):
-    """``small(*operands)`` when ``x`` has at most ``max_rows`` rows (tokens), else
-    ``large(*operands)``, for code that ``torch.compile`` traces once for every batch size
-    (vLLM's graph).  With a symbolic row count the choice is a ``torch.cond``, made each time
-    the compiled graph runs; Inductor compiles both branches, so a ``large`` written in plain
-    aten ops gets fused and launched from generated code, as the engine's own models are,
-    instead of running op by op inside an opaque custom op.  A concrete row count (a graph
-    specialised to one size) picks its branch while tracing."""
-    rows = math.prod(x.shape[:-1])  # torch.Size.numel() would specialise a symbolic size
-    return torch.cond(rows <= max_rows, small, large, operands)
 
 
 _HAVE_OP = register_op(

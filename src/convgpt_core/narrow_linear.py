@@ -16,10 +16,8 @@ in one zeroed buffer per device and stream that every call leaves zeroed again, 
 graphs replay the kernel with nothing to reset.
 
 Past :data:`MAX_ROWS` rows the op runs ``F.linear`` (cuBLAS), which keeps every SM busy
-without splitting K once there are enough rows.  Under ``torch.compile`` (one graph for every
-batch size) a ``torch.cond`` on the rows (:func:`convgpt_core.kernels.by_rows`) runs the
-kernel as the opaque custom op ``convgpt::narrow_linear`` and larger inputs as a plain
-``F.linear`` in the compiled graph.  Only a
+without splitting K once there are enough rows.  Under ``torch.compile`` the call is the
+opaque custom op ``convgpt::narrow_linear``, which chooses by rows when it runs.  Only a
 whole (unsharded, unquantized, LoRA-free) weight qualifies: the adapters check that and
 otherwise call the engine's row-parallel layer, which also does the all-reduce.
 """
@@ -33,7 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .kernels import _interpreting, by_rows, jitted, kernel_takes, register_op, tl, triton
+from .kernels import _interpreting, jitted, kernel_takes, register_op, tl, triton
 from .norm_linear import _as_rows, _rows
 
 BLOCK_N = 16  # output columns per program: D = 144 is nine blocks
@@ -182,12 +180,12 @@ _HAVE_OP = triton is not None and register_op(
 
 def narrow_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T``: the split-K kernel up to :data:`MAX_ROWS` rows where
-    :func:`narrow_linear_available` (chosen when the graph runs when compiled), ``F.linear``
-    elsewhere."""
+    :func:`narrow_linear_available` (chosen at run time inside the custom op when compiled),
+    ``F.linear`` elsewhere."""
     if not narrow_linear_available(x, weight):
         return F.linear(x, weight)
     if _HAVE_OP and torch.compiler.is_compiling():
-        return by_rows(x, MAX_ROWS, torch.ops.convgpt.narrow_linear, F.linear, (x, weight))
+        return torch.ops.convgpt.narrow_linear(x, weight)
     return _kernel_or_cublas(x, weight)
 
 

@@ -18,11 +18,8 @@ It pays at decode sizes only: past :data:`MAX_ROWS` rows (prefill chunks) :func:
 runs the unfused ops instead (torch's add and RMSNorm, the cuBLAS GEMM, a one-pass SiLU*mul
 kernel).  Only column-parallel linears qualify (their input is the whole row on every rank),
 and only unquantized ones without LoRA; the adapters check that and otherwise run the
-engine's own layers.  Under ``torch.compile`` (one graph for every batch size) a
-``torch.cond`` on the rows (:func:`convgpt_core.kernels.by_rows`) runs the kernel as the
-opaque custom op ``convgpt::norm_linear`` and the unfused ops as plain aten ops in the
-compiled graph, which Inductor fuses (add + RMSNorm, SiLU * up) and launches from its
-generated code like the engine's own model: a prefill-sized step calls no Python op.
+engine's own layers.  Under ``torch.compile`` the call is the opaque custom op
+``convgpt::norm_linear``, which chooses by rows when it runs.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .kernels import _d_blocks, _interpreting, by_rows, jitted, kernel_takes, register_op, tl, triton
+from .kernels import _d_blocks, _interpreting, jitted, kernel_takes, register_op, tl, triton
 
 MAX_K = 512  # rows of the stream are held in registers: D up to this width
 # Up to this many rows (tokens) the kernel runs; more take the unfused ops (cuBLAS for the
@@ -147,8 +144,9 @@ def _silu_mul(y: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up of the merged gate/up output in one pass (what the engines' activation
     kernels do) where Triton runs, torch's two ops elsewhere."""
     n = y.shape[-1] // 2
-    if not kernel_takes(y) or torch.compiler.is_compiling():  # compiled: Inductor fuses the two
-        return F.silu(y[..., :n]) * y[..., n:2 * n]
+    if not kernel_takes(y):
+        gate, up = y.chunk(2, dim=-1)
+        return F.silu(gate) * up
     g2 = _as_rows(y)
     out = torch.empty(*y.shape[:-1], n, dtype=y.dtype, device=y.device)
     if out.numel():
@@ -280,19 +278,13 @@ def norm_linear(
     """``(y, s)``: ``s = x + residual`` (None without a residual) and
     ``y = rmsnorm(s or x) * norm_weight @ weight.T``; with ``swiglu`` the weight stacks the
     gate rows over the up rows and ``y = silu(gate) * up``.  One Triton kernel where
-    :func:`norm_linear_available` (up to :data:`MAX_ROWS` rows; chosen when the graph runs
-    when compiled), the unfused ops elsewhere."""
+    :func:`norm_linear_available` (up to :data:`MAX_ROWS` rows; chosen at run time inside
+    the custom op when compiled), the unfused ops elsewhere."""
     if not norm_linear_available(x, weight, max_rows=None):
         return norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu)
     if _HAVE_OP and torch.compiler.is_compiling():
-        eps = float(eps)
-        if residual is None:
-            y = by_rows(x, MAX_ROWS, lambda x, nw, w: torch.ops.convgpt.norm_linear(x, None, nw, eps, w, swiglu)[0],
-                        lambda x, nw, w: norm_linear_torch(x, None, nw, eps, w, swiglu)[0], (x, norm_weight, weight))
-            return y, None
-        y, s = by_rows(x, MAX_ROWS, lambda *a: torch.ops.convgpt.norm_linear(*a[:3], eps, a[3], swiglu),
-                       lambda *a: norm_linear_torch(*a[:3], eps, a[3], swiglu), (x, residual, norm_weight, weight))
-        return y, s
+        y, s = torch.ops.convgpt.norm_linear(x, residual, norm_weight, float(eps), weight, swiglu)
+        return y, (None if residual is None else s)
     return _kernel_or_torch(x, residual, norm_weight, eps, weight, swiglu)
 
 

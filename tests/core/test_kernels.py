@@ -487,9 +487,9 @@ def _one_graph_for_every_size(fn, inputs):
 
 @pytest.mark.parametrize("residual", [True, False], ids=["add", "first-layer"])
 def test_norm_linear_under_torch_compile(interp, monkeypatch, residual):
-    """Inside vLLM's compiled forward (one graph for every batch size): decode-sized inputs go
-    through the opaque op and its kernel, prefill-sized ones through plain aten ops in the
-    graph, without a Python op call; all match float64."""
+    """Inside vLLM's compiled forward (one graph for every batch size, its guards not checked):
+    the op chooses by rows when it runs, the kernel for decode sizes and torch's unfused ops
+    above MAX_ROWS; all match float64."""
     calls = _record_runs(monkeypatch, nl, "norm_linear_triton", "norm_linear_torch")
     x, r, nw, w = _nl_case(nl.MAX_ROWS + 3, 144, 40, True)
     f = torch.float32
@@ -505,7 +505,7 @@ def test_norm_linear_under_torch_compile(interp, monkeypatch, residual):
             torch.testing.assert_close(s.double(), want_s)
         else:
             assert s is None
-    assert calls == [("norm_linear_triton", m) for m in sizes if m <= nl.MAX_ROWS]
+    assert calls == [("norm_linear_triton" if m <= nl.MAX_ROWS else "norm_linear_torch", m) for m in sizes]
 
 
 @pytest.mark.parametrize("residual", [True, False], ids=["add", "first-layer"])
@@ -619,7 +619,7 @@ def test_narrow_linear_rows_pick_kernel_or_cublas(interp, monkeypatch):
 
 
 def test_narrow_linear_under_torch_compile(interp, monkeypatch):
-    """As norm_linear: the kernel through the op up to MAX_ROWS rows, F.linear in the graph above."""
+    """As norm_linear: one graph, the op's body chooses the kernel or F.linear by rows."""
     calls = _record_runs(monkeypatch, nar, "_kernel_or_cublas")  # the op's body
     x, w = _nar_case(nar.MAX_ROWS + 3, 96, 24)
     torch._dynamo.reset()
@@ -627,7 +627,7 @@ def test_narrow_linear_under_torch_compile(interp, monkeypatch):
     sizes = (2, nar.MAX_ROWS + 3, 9)
     for m, y in zip(sizes, _one_graph_for_every_size(fn, [(x[:m].float(),) for m in sizes])):
         torch.testing.assert_close(y.double(), x[:m] @ w.T, rtol=2e-5, atol=2e-5)
-    assert calls == [("_kernel_or_cublas", m) for m in sizes if m <= nar.MAX_ROWS]
+    assert calls == [("_kernel_or_cublas", m) for m in sizes]
 
 
 def test_fused_decoder_layer_with_narrow_linears(interp):
@@ -648,8 +648,7 @@ def test_fused_decoder_layer_with_narrow_linears(interp):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpu_fused_decoder_layer_under_inductor(gpu, monkeypatch, dtype):
     """What vLLM compiles on CUDA: the fused layer (published widths) in one Inductor graph for
-    every size; decode sizes launch the kernels through the ops, prefill sizes the graph's
-    own fused code (no op call); all against float64."""
+    every size, the ops choosing the kernels or the unfused ops by rows; against float64."""
     calls = _record_runs(monkeypatch, nl, "norm_linear_triton", "norm_linear_torch")
     _record_runs(monkeypatch, nar, "_kernel_or_cublas", calls=calls)
     big = 2 * nl.MAX_ROWS + 3
@@ -674,7 +673,9 @@ def test_gpu_fused_decoder_layer_under_inductor(gpu, monkeypatch, dtype):
         tol = 2 * NL_TOL[dtype]
         torch.testing.assert_close(y.double().cpu(), act @ wd.T, rtol=tol, atol=tol)
         torch.testing.assert_close(s.double().cpu(), want_s, rtol=tol, atol=tol)
-    assert sorted(m for _, m in calls) == [3] * 4 + [64] * 4  # two norm_linear and two narrow_linear each
+    norm = ["norm_linear_triton" if m <= nl.MAX_ROWS else "norm_linear_torch" for m in sizes]
+    want = [(name, m) for m, n in zip(sizes, norm) for name in (n, n, "_kernel_or_cublas", "_kernel_or_cublas")]
+    assert sorted(calls) == sorted(want)  # per size: two norm_linear and two narrow_linear
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
