@@ -1,11 +1,10 @@
-# Round 8: the compiled graph's choice by rows (torch.cond: vLLM's prefill steps call no Python
-# op, Inductor fuses and launches their norms, GEMMs and activations): its GPU test under
-# Inductor, vLLM's bf16 parity, vLLM end to end with traces (the prefill's GPU idle time and CPU
-# ops); then what round 7 left: SGLang end to end with its engine start explained (recompiles
-# and graph breaks logged), vLLM with a 32k-token prefill budget, the SGLang LoRA test in bf16
-# on CUDA, vLLM's q/k-norm + RoPE pass.  Run by `gpu.sh bg benchmarks/gpu/round8.sh` after the
-# vLLM parts are staged and installed, with .gpu/sglang/part-1 carried.  Most needed first;
-# engines one at a time.
+# Round 8 (ran 2026-11-29, results in benchmarks/results/README.md): the compiled graph's choice
+# by rows as a torch.cond (reverted after this round: vLLM 0.26 on torch 2.11 could not start
+# with it), vLLM's bf16 parity and end to end, then what round 7 left: SGLang end to end with
+# its engine start explained (recompiles and graph breaks logged), vLLM with a 32k-token prefill
+# budget, the SGLang LoRA test in bf16 on CUDA, vLLM's q/k-norm + RoPE pass.  Run by
+# `gpu.sh bg benchmarks/gpu/round8.sh` after the vLLM parts are staged and installed, with
+# .gpu/sglang/part-1 carried.  Most needed first; engines one at a time.
 G="bash benchmarks/gpu/gpu.sh"
 R=/root/results
 ($G stage .gpu/sglang/part-1 /root/stage-sgl && $G install sglang) > $R/install-sglang.txt 2>&1 &
