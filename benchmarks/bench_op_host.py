@@ -9,6 +9,9 @@ Inductor's kernels for the twin took ~40 us a launch.  This measures it without 
 without the profiler, per site of a layer (published widths) and per token count:
 
   op        ``torch.ops.convgpt.<op>(...)`` from Python: the dispatcher, then the op's Python body
+  op+param  the same with the weight as vLLM hands it over: vLLM's linear layers hold their weights
+            as parameter subclasses that define ``__torch_function__``, and Inductor passes the
+            parameter itself to an opaque op, so every call first runs that Python hook
   body      the op's body called directly (no dispatcher)
   inductor  the engine's way: add + RMSNorm + GEMM (+ SiLU * up) compiled by Inductor
             (static shapes), i.e. what the twin's layer runs
@@ -54,9 +57,18 @@ def main() -> None:
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to(dev, dt)
 
+    class Param(torch.nn.Parameter):  # what vLLM's BasevLLMParameter adds to a Parameter
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    def param(t):
+        return Param(t, requires_grad=False)
+
     nw = 1 + rand(D, scale=0.1)
     w_qkv, w_gu = rand(QKV, D, scale=D**-0.5), rand(2 * INNER, D, scale=D**-0.5)
     w_o, w_d = rand(D, HEADS, scale=HEADS**-0.5), rand(D, INNER, scale=INNER**-0.5)
+    p_qkv, p_gu, p_o, p_d = (param(w) for w in (w_qkv, w_gu, w_o, w_d))
 
     def engine_norm_linear(h, r, nw, w, swiglu: bool):
         s = h + r
@@ -73,15 +85,18 @@ def main() -> None:
         heads, act = rand(rows, HEADS), rand(rows, INNER)
         yield ("qkv", {
             "op": lambda: torch.ops.convgpt.norm_linear(h, r, nw, 1e-6, w_qkv, False),
+            "op+param": lambda: torch.ops.convgpt.norm_linear(h, r, nw, 1e-6, p_qkv, False),
             "body": lambda: nl._op_impl(h, r, nw, 1e-6, w_qkv, False),
             "inductor": lambda: inductor_nl(h, r, nw, w_qkv, False)})
         yield ("gate_up", {
             "op": lambda: torch.ops.convgpt.norm_linear(h, r, nw, 1e-6, w_gu, True),
+            "op+param": lambda: torch.ops.convgpt.norm_linear(h, r, nw, 1e-6, p_gu, True),
             "body": lambda: nl._op_impl(h, r, nw, 1e-6, w_gu, True),
             "inductor": lambda: inductor_nl(h, r, nw, w_gu, True)})
-        for name, x, w in (("o_proj", heads, w_o), ("down", act, w_d)):
+        for name, x, w, pw in (("o_proj", heads, w_o, p_o), ("down", act, w_d, p_d)):
             yield (name, {
                 "op": lambda x=x, w=w: torch.ops.convgpt.narrow_linear(x, w),
+                "op+param": lambda x=x, pw=pw: torch.ops.convgpt.narrow_linear(x, pw),
                 "body": lambda x=x, w=w: nar._kernel_or_cublas(x, w),
                 "inductor": lambda x=x, w=w: inductor_lin(x, w)})
 
@@ -125,7 +140,8 @@ def main() -> None:
     results = []
     print(f"{dev} {dt}; host us per call (GPU us per call), best of 5 x {args.calls} calls"
           + ("; a second Python thread spinning" if args.busy else ""))
-    print(f"{'site':9} {'rows':>6} {'op':>16} {'body':>16} {'inductor':>16}")
+    kinds = ("op", "op+param", "body", "inductor")
+    print(f"{'site':9} {'rows':>6} " + " ".join(f"{k:>16}" for k in kinds))
     try:
         for rows in (int(r) for r in args.rows.split(",")):
             if dev == "cpu" and rows <= nl.MAX_ROWS:
@@ -136,7 +152,7 @@ def main() -> None:
                     for kind, fn in fns.items():
                         row[kind] = measure(fn)
                     results.append(row)
-                    print(f"{site:9} {rows:>6} " + " ".join(cell(*row[k]) for k in ("op", "body", "inductor")),
+                    print(f"{site:9} {rows:>6} " + " ".join(cell(*row[k]) for k in kinds),
                           flush=True)
     finally:
         stop.set()
