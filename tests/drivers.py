@@ -123,7 +123,8 @@ class SGLangDriver:
 
         if s.profile_dir:  # read by the scheduler process SGLang starts
             os.environ["SGLANG_TORCH_PROFILER_DIR"] = s.profile_dir
-        kwargs = dict(model_path=path, dtype=s.dtype, context_length=s.max_len, random_seed=0, log_level="warning",
+        log_level = os.environ.get("CONVGPT_SGLANG_LOG_LEVEL", "warning")  # "info": e.g. capture times
+        kwargs = dict(model_path=path, dtype=s.dtype, context_length=s.max_len, random_seed=0, log_level=log_level,
                       disable_radix_cache=s.embeds or not s.prefix_cache, kv_cache_dtype=s.kv_cache_dtype)
         if s.chunk:
             kwargs["chunked_prefill_size"] = s.chunk
