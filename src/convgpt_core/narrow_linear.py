@@ -172,7 +172,7 @@ def _kernel_or_cublas(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-_HAVE_OP = triton is not None and register_op(
+_HAVE_OP = triton is not None and register_op(  # the body looked up when called: tests watch it
     "narrow_linear", "(Tensor x, Tensor weight) -> Tensor", lambda x, weight: _kernel_or_cublas(x, weight),
     lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0]),
 )
