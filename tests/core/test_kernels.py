@@ -441,21 +441,6 @@ def test_norm_linear_dispatch(monkeypatch):
     assert nl.norm_linear_available(many, w.float(), max_rows=None) == kernels.triton_available()
 
 
-def test_norm_linear_rows_pick_kernel_or_torch(interp, monkeypatch):
-    """Decode-sized inputs run the kernel, larger ones torch's ops; both give the result."""
-    calls = []
-    kernel = nl.norm_linear_triton
-    monkeypatch.setattr(nl, "norm_linear_triton", lambda *a, **k: calls.append(a[0].shape[0]) or kernel(*a, **k))
-    for M in (nl.MAX_ROWS, nl.MAX_ROWS + 1):
-        x, r, nw, w = _nl_case(M, 144, 40, True)
-        f = torch.float32
-        y, s = nl.norm_linear(x.to(f), r.to(f), nw.to(f), 1e-6, w.to(f), swiglu=True)
-        want_y, want_s = _nl_reference(x, r, nw, 1e-6, w, True)
-        torch.testing.assert_close(y.double(), want_y, rtol=2e-5, atol=2e-5)
-        torch.testing.assert_close(s.double(), want_s)
-    assert calls == [nl.MAX_ROWS]
-
-
 def _record_runs(monkeypatch, module, *names, calls=None):
     """Record (name, rows) in ``calls`` (a new list by default) for each call of ``module``'s
     functions ``names`` that runs (not while torch.compile traces through them)."""
@@ -471,6 +456,19 @@ def _record_runs(monkeypatch, module, *names, calls=None):
     for name in names:
         monkeypatch.setattr(module, name, recorded(name, getattr(module, name)))
     return calls
+
+
+def test_norm_linear_rows_pick_kernel_or_torch(interp, monkeypatch):
+    """Decode-sized inputs run the kernel, larger ones torch's ops; both give the result."""
+    calls = _record_runs(monkeypatch, nl, "norm_linear_triton")
+    for M in (nl.MAX_ROWS, nl.MAX_ROWS + 1):
+        x, r, nw, w = _nl_case(M, 144, 40, True)
+        f = torch.float32
+        y, s = nl.norm_linear(x.to(f), r.to(f), nw.to(f), 1e-6, w.to(f), swiglu=True)
+        want_y, want_s = _nl_reference(x, r, nw, 1e-6, w, True)
+        torch.testing.assert_close(y.double(), want_y, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(s.double(), want_s)
+    assert calls == [("norm_linear_triton", nl.MAX_ROWS)]
 
 
 def _one_graph_for_every_size(fn, inputs):
@@ -603,13 +601,11 @@ def test_narrow_linear_rejects_mismatched_shapes(interp):
 
 
 def test_narrow_linear_rows_pick_kernel_or_cublas(interp, monkeypatch):
-    calls = []
-    kernel = nar.narrow_linear_triton
-    monkeypatch.setattr(nar, "narrow_linear_triton", lambda *a, **k: calls.append(a[0].shape[0]) or kernel(*a, **k))
+    calls = _record_runs(monkeypatch, nar, "narrow_linear_triton")
     for M in (nar.MAX_ROWS, nar.MAX_ROWS + 1):
         x, w = _nar_case(M, 96, 24)
         torch.testing.assert_close(nar.narrow_linear(x.float(), w.float()).double(), x @ w.T, rtol=2e-5, atol=2e-5)
-    assert calls == [nar.MAX_ROWS]
+    assert calls == [("narrow_linear_triton", nar.MAX_ROWS)]
     monkeypatch.setenv("CONVGPT_NARROW_LINEAR", "0")  # switched off: cuBLAS (F.linear) at any size
     assert not nar.narrow_linear_available(x.float(), w.float())
     monkeypatch.delenv("CONVGPT_NARROW_LINEAR")
