@@ -17,7 +17,8 @@ graphs replay the kernel with nothing to reset.
 
 Past :data:`MAX_ROWS` rows the op runs ``F.linear`` (cuBLAS), which keeps every SM busy
 without splitting K once there are enough rows.  Under ``torch.compile`` the call is the
-opaque custom op ``convgpt::narrow_linear``, which chooses by rows when it runs.  Only a
+opaque custom op ``convgpt::narrow_linear``, which chooses by rows when it runs (or, in a
+graph compiled only for larger steps, :mod:`convgpt_core.graph_pass` writes in F.linear).  Only a
 whole (unsharded, unquantized, LoRA-free) weight qualifies: the adapters check that and
 otherwise call the engine's row-parallel layer, which also does the all-reduce.
 """

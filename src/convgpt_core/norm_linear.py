@@ -19,7 +19,9 @@ runs the unfused ops instead (torch's add and RMSNorm, the cuBLAS GEMM, a one-pa
 kernel).  Only column-parallel linears qualify (their input is the whole row on every rank),
 and only unquantized ones without LoRA; the adapters check that and otherwise run the
 engine's own layers.  Under ``torch.compile`` the call is the opaque custom op
-``convgpt::norm_linear``, which chooses by rows when it runs.
+``convgpt::norm_linear``, which chooses by rows when it runs; a graph compiled only for larger
+steps (vLLM's compile range above the limit) gets the unfused ops written in instead
+(:mod:`convgpt_core.graph_pass`).
 """
 
 from __future__ import annotations

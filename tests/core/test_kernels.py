@@ -674,6 +674,62 @@ def test_gpu_fused_decoder_layer_under_inductor(gpu, monkeypatch, dtype):
     assert sorted(calls) == sorted(want)  # per size: two norm_linear and two narrow_linear
 
 
+def _check_unfused_above_kernel_rows(monkeypatch, device, dtype):
+    """The fused layer compiled by Inductor with ``graph_pass.unfuse_ops`` as its post-grad
+    pass, as vLLM compiles its graph for token counts above the kernels' limits: one graph for
+    every such size, no call reaches an op's body (Inductor runs the unfused ops itself), and
+    the results match float64."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from convgpt_core import graph_pass
+
+    class Unfuse(CustomGraphPass):
+        def __call__(self, graph):
+            graph_pass.unfuse_ops(graph)
+
+        def uuid(self):
+            return "convgpt-test-unfuse"
+
+    calls = _record_runs(monkeypatch, nl, "_kernel_or_torch")
+    _record_runs(monkeypatch, nar, "_kernel_or_cublas", calls=calls)
+    big = 2 * graph_pass.FUSED_UP_TO + 3
+    x, r, nw1, wqkv = _nl_case(big, 144, 384, False)
+    _, _, nw2, wgu = _nl_case(big, 144, 320, True)
+    wo, wd = _nar_case(5, 256, 144)[1], _nar_case(5, 320, 144)[1]
+    to = dict(device=device, dtype=dtype)
+    p = [t.to(**to) for t in (nw1, wqkv, wo, nw2, wgu, wd)]
+
+    def layer(h, res):
+        return nl.fused_decoder_layer(h, res, (p[0], 1e-6), p[1], lambda qkv: qkv[..., :256],
+                                      lambda heads: nar.narrow_linear(heads, p[2]), (p[3], 1e-6), p[4],
+                                      lambda act: nar.narrow_linear(act, p[5]))
+
+    torch._dynamo.reset()
+    sizes = (graph_pass.FUSED_UP_TO + 1, big)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=Unfuse(), force_disable_caches=True):
+        fn = torch.compile(layer, fullgraph=True)
+        outs = _one_graph_for_every_size(fn, [(x[:m].to(**to), r[:m].to(**to)) for m in sizes])
+    tol = 2 * NL_TOL[dtype]
+    for m, (y, s) in zip(sizes, outs):
+        qkv, s1 = _nl_reference(x[:m], r[:m], nw1, 1e-6, wqkv, False)
+        act, want_s = _nl_reference(qkv[:, :256] @ wo.T, s1, nw2, 1e-6, wgu, True)
+        torch.testing.assert_close(y.double().cpu(), act @ wd.T, rtol=tol, atol=tol)
+        torch.testing.assert_close(s.double().cpu(), want_s, rtol=tol, atol=tol)
+    assert calls == []
+    # the same layer run eagerly goes through the ops' bodies: the recording sees calls
+    layer(x[:big].to(**to), r[:big].to(**to))
+    assert sorted(calls) == sorted([("_kernel_or_torch", big)] * 2 + [("_kernel_or_cublas", big)] * 2)
+
+
+def test_ops_unfused_in_graphs_above_kernel_rows(interp, monkeypatch):
+    _check_unfused_above_kernel_rows(monkeypatch, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_ops_unfused_in_graphs_above_kernel_rows(gpu, monkeypatch, dtype):
+    _check_unfused_above_kernel_rows(monkeypatch, "cuda", dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("K", [2048, 3072], ids=["o_proj", "down"])
 @pytest.mark.parametrize("M", [1, 16, 100, 256, 2048])

@@ -1,0 +1,95 @@
+"""A compiled-graph pass: the custom ops' unfused torch path, written into graphs that only
+ever see more rows than the kernels take.
+
+Under ``torch.compile`` the adapters call ``convgpt::norm_linear`` and
+``convgpt::narrow_linear``: opaque ops, so one graph serves every batch size and each call
+chooses by rows when it runs (the kernels up to their ``MAX_ROWS``, the unfused ops above).
+Above the limits that choice is paid for on the host: every call goes through the
+dispatcher into Python and launches the unfused ops one by one from there, 128 calls per
+forward of the published model.  vLLM runs prefill-sized steps without CUDA graphs, so its
+prefill waited on exactly that host time (round 7: the GPU idle 174 of 219 ms).
+
+An engine that compiles a separate graph for token counts above :data:`FUSED_UP_TO` (vLLM:
+compile ranges) runs :func:`unfuse_ops` on that graph: each op call is replaced by the aten
+ops of its unfused path (residual add, RMSNorm, the GEMM, SiLU*mul; the plain GEMM for
+``narrow_linear``), which Inductor then fuses and launches from its generated code, as it
+does for the engine's own Qwen3.  Graphs for smaller counts keep the ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from . import narrow_linear as _narrow
+from . import norm_linear as _norm
+
+# Both ops run their unfused path for every row count above this.
+FUSED_UP_TO = max(_norm.MAX_ROWS, _narrow.MAX_ROWS)
+
+
+def _norm_linear_aten(x, residual, norm_weight, eps, weight, swiglu):
+    """``convgpt::norm_linear``'s unfused path in plain aten ops, as the op returns it."""
+    s = None if residual is None else x + residual
+    h = F.rms_norm(x if s is None else s, (x.shape[-1],), norm_weight.to(x.dtype), eps)
+    y = F.linear(h.to(weight.dtype), weight)
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y, (x.new_empty(0) if s is None else s)
+
+
+def _replacement(node: torch.fx.Node):
+    """(function of the node's tensor inputs, those input nodes) for an op call this pass
+    rewrites, or None."""
+    ops = torch.ops.convgpt
+    if node.op != "call_function":
+        return None
+    if hasattr(ops, "norm_linear") and node.target is ops.norm_linear.default:
+        x, residual, norm_weight, eps, weight, swiglu = node.args
+        if residual is None:
+            return (lambda x, nw, w: _norm_linear_aten(x, None, nw, eps, w, swiglu)), [x, norm_weight, weight]
+        return (lambda x, r, nw, w: _norm_linear_aten(x, r, nw, eps, w, swiglu)), [x, residual, norm_weight, weight]
+    if hasattr(ops, "narrow_linear") and node.target is ops.narrow_linear.default:
+        return F.linear, list(node.args)
+    return None
+
+
+def unfuse_ops(graph: torch.fx.Graph) -> int:
+    """Replace every ``convgpt::norm_linear`` / ``convgpt::narrow_linear`` call in ``graph`` (an
+    Inductor post-grad graph: every node carries its fake value in ``meta["val"]``) by the
+    aten ops of the op's unfused path, traced as Inductor traces its own replacements.  Only
+    for a graph that runs with more than :data:`FUSED_UP_TO` rows: there the ops would take
+    that path anyway.  Returns the number of calls replaced."""
+    from torch._guards import detect_fake_mode
+    from torch._inductor.pattern_matcher import fwd_only
+
+    replaced = 0
+    for node in list(graph.nodes):
+        found = _replacement(node)
+        if found is None:
+            continue
+        fn, inputs = found
+        if node.args[0].meta["val"].dim() != 2:  # the adapters hand over (tokens, width) rows
+            continue
+        vals = [n.meta["val"] for n in inputs]
+        fake_mode = detect_fake_mode(vals)
+        with fake_mode if fake_mode is not None else contextlib.nullcontext():
+            sub = fwd_only(fn, vals)
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        with graph.inserting_before(node):
+            out = graph.graph_copy(sub.graph, dict(zip(placeholders, inputs)))
+        if isinstance(out, (tuple, list)):  # (y, s): the op's users are getitem nodes
+            for user in list(node.users):
+                if user.op != "call_function" or user.target is not operator.getitem:
+                    raise RuntimeError(f"unfuse_ops: unexpected user {user.format_node()} of {node.format_node()}")
+                user.replace_all_uses_with(out[user.args[1]])
+                graph.erase_node(user)
+        else:
+            node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        replaced += 1
+    return replaced
