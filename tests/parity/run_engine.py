@@ -7,8 +7,10 @@ small KV blocks, prefix cache on) and a second one set up for embeddings input (
 feeds every request through the compressor; SGLang takes input_embeds only with its radix
 cache off).  Environment: CONVGPT_PARITY_DTYPE (float32), CONVGPT_PARITY_EAGER (1 on CPU),
 CONVGPT_PARITY_TP (1), CONVGPT_PARITY_PP (1), CONVGPT_PARITY_KV (the KV-cache dtype, auto),
-CONVGPT_PARITY_QUANT (weight quantization, e.g. fp8; none).  Runs with non-default ones
-write ``<engine>-tp2``, ``<engine>-pp2``, ``<engine>-kvfp8``, ``<engine>-fp8`` and so on.
+CONVGPT_PARITY_QUANT (weight quantization, e.g. fp8; none), CONVGPT_PARITY_CHUNK (the prefill
+token budget per step, matrix.CHUNK; above 256 a whole 490-token prompt goes through vLLM's graph
+for large steps on CUDA).  Runs with non-default ones write ``<engine>-tp2``, ``<engine>-pp2``,
+``<engine>-kvfp8``, ``<engine>-fp8``, ``<engine>-chunk512`` and so on.
 """
 
 from __future__ import annotations
@@ -30,14 +32,16 @@ def main(engine: str) -> None:
     pp = int(os.environ.get("CONVGPT_PARITY_PP", "1"))
     kv = os.environ.get("CONVGPT_PARITY_KV", "auto")
     quant = os.environ.get("CONVGPT_PARITY_QUANT") or None
+    chunk = int(os.environ.get("CONVGPT_PARITY_CHUNK", matrix.CHUNK))
     name_out = "-".join([engine] + [tag for tag, on in ((f"tp{tp}", tp != 1), (f"pp{pp}", pp != 1),
-                                                        (f"kv{kv}", kv != "auto"), (quant, quant)) if on])
+                                                        (f"kv{kv}", kv != "auto"), (quant, quant),
+                                                        (f"chunk{chunk}", chunk != matrix.CHUNK)) if on])
     meta = {"dtype": dtype, "eager": eager, engine: importlib.import_module(engine).__version__,
             "device": "cuda" if cuda_available() else "cpu", "tp": tp, "pp": pp, "kv_cache_dtype": kv,
-            "quantization": quant}
+            "quantization": quant, "chunk": chunk}
     results = {}
     for name, path, embeds_engine, situations in matrix.engine_starts():
-        llm = drivers.start(engine, path, dtype=dtype, max_len=matrix.MAX_LEN, chunk=matrix.CHUNK,
+        llm = drivers.start(engine, path, dtype=dtype, max_len=matrix.MAX_LEN, chunk=chunk,
                             block=matrix.BLOCK, embeds=embeds_engine, eager=eager, max_batch=16, tp=tp, pp=pp,
                             kv_cache_dtype=kv, quantization=quant)
         for situation, waves in situations:
