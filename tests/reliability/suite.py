@@ -112,13 +112,15 @@ def completion_text(server: servers.Server, prompt: list[int]) -> str:
     return body["choices"][0]["text"]
 
 
-async def burst(base: str, prompts: list[list[int]], n: int, timeout: float = 900, max_tokens: int = 8) -> list:
-    """``n`` concurrent greedy completions cycling through ``prompts``: text or exception."""
+async def burst(base: str, prompts: list[list[int]], n: int, timeout: float = 900, max_tokens: int = 8,
+                **extra) -> list:
+    """``n`` concurrent greedy completions cycling through ``prompts`` (``extra``: more request
+    fields): text or exception."""
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
 
         async def one(i: int):
-            body = dict(GOOD, prompt=prompts[i % len(prompts)], max_tokens=max_tokens)
+            body = dict(GOOD, prompt=prompts[i % len(prompts)], max_tokens=max_tokens, **extra)
             r = await client.post("/v1/completions", json=body)
             r.raise_for_status()
             return r.json()["choices"][0]["text"]
@@ -180,8 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     victim = server.server_pid()
 
     async def burst_and_kill():
-        # long answers, so that the burst is still running when the server dies
-        task = asyncio.create_task(burst(server.base, prompts, args.burst, timeout=60, max_tokens=300))
+        # long answers, so that the burst is still running when the server dies (ignore_eos, a
+        # field both engines take: a tiny model's answers can end at once; one CPU run got every
+        # answer back before the kill)
+        task = asyncio.create_task(burst(server.base, prompts, args.burst, timeout=60, max_tokens=300,
+                                         ignore_eos=True))
         await asyncio.sleep(1.0)
         os.kill(victim, signal.SIGKILL)
         return await task
