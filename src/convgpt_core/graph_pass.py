@@ -33,12 +33,7 @@ FUSED_UP_TO = max(_norm.MAX_ROWS, _narrow.MAX_ROWS)
 
 def _norm_linear_aten(x, residual, norm_weight, eps, weight, swiglu):
     """``convgpt::norm_linear``'s unfused path in plain aten ops, as the op returns it."""
-    s = None if residual is None else x + residual
-    h = F.rms_norm(x if s is None else s, (x.shape[-1],), norm_weight.to(x.dtype), eps)
-    y = F.linear(h.to(weight.dtype), weight)
-    if swiglu:
-        gate, up = y.chunk(2, dim=-1)
-        y = F.silu(gate) * up
+    y, s = _norm.norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu, silu_mul=_norm.silu_mul_torch)
     return y, (x.new_empty(0) if s is None else s)
 
 

@@ -142,13 +142,18 @@ def _silu_mul_src(g_ptr, y_ptr, M, N, stride_g, stride_y, BLOCK: tl.constexpr):
     tl.store(y_ptr + m * stride_y + offs, (gate * tl.sigmoid(gate) * up).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def silu_mul_torch(y: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of the merged gate/up output (gate columns first) in torch's ops."""
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def _silu_mul(y: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up of the merged gate/up output in one pass (what the engines' activation
     kernels do) where Triton runs, torch's two ops elsewhere."""
     n = y.shape[-1] // 2
     if not kernel_takes(y):
-        gate, up = y.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return silu_mul_torch(y)
     g2 = _as_rows(y)
     out = torch.empty(*y.shape[:-1], n, dtype=y.dtype, device=y.device)
     if out.numel():
@@ -232,13 +237,15 @@ def norm_linear_triton(
     return y, s
 
 
-def norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu=False):
+def norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu=False, *, silu_mul=None):
     """The same computation unfused (any device and dtype): the add, torch's RMSNorm, the
-    GEMM (cuBLAS on CUDA) and a one-pass SiLU*mul: what larger batches run."""
+    GEMM (cuBLAS on CUDA) and a one-pass SiLU*mul: what larger batches run.  ``silu_mul``
+    replaces the last (:mod:`convgpt_core.graph_pass` passes :func:`silu_mul_torch`, for
+    Inductor to fuse)."""
     s = None if residual is None else x + residual
     h = F.rms_norm(x if s is None else s, (x.shape[-1],), norm_weight.to(x.dtype), eps)
     y = F.linear(h.to(weight.dtype), weight)
-    return (_silu_mul(y) if swiglu else y), s
+    return ((silu_mul or _silu_mul)(y) if swiglu else y), s
 
 
 def _kernel_or_torch(x, residual, norm_weight, eps, weight, swiglu):
