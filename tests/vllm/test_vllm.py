@@ -103,6 +103,18 @@ def test_installed_wheel_works_as_a_user_would(tmp_path):
     assert_wheel_works_as_a_user_would(tmp_path)
 
 
+def test_vllm_compile_calls_the_ops_up_to_256_tokens_only(tmp_path):
+    """vLLM's own compile (piecewise backend, compile ranges, post-grad passes, Inductor) around
+    the ops as the layers call them, on the CPU: above 256 tokens no op body runs, up to 256
+    both do, all sizes match float64 (tests/vllm/compile_ranges_run.py, in a fresh process)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, VLLM_CACHE_ROOT=str(tmp_path / "vllm"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    proc = subprocess.run([sys.executable, os.path.join(here, "compile_ranges_run.py")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "tokens: op calls []" in proc.stdout
+
+
 def test_compile_splits_at_kernel_rows_and_unfuses_above():
     """On CUDA vLLM compiles the model itself (VLLM_COMPILE, Inductor, piecewise): the plugin
     adds a compile range boundary at the kernels' row limit and its post-grad pass, which vLLM's
