@@ -2,7 +2,9 @@
 # matrix's own budget (64 tokens: the graph for up to 256) and at 512 (the graph above); vLLM's
 # prefill with a 32k-token budget, i.e. half the steps and so half of vLLM's per-step host work
 # (both models) for the same tokens; SGLang with the twin started first (is ConvGPT's long first
-# start the JIT builds both engines share?).  Run by `gpu.sh bg benchmarks/gpu/round10.sh` after
+# start the JIT builds both engines share?); vLLM with the twin started first (the graphs-on decode
+# traces of rounds 7 and 9 show every host op of ConvGPT's engine, the sampler's included, 1.3-1.6x
+# slower than the same op in the twin's: does that follow the start order?).  Run by `gpu.sh bg benchmarks/gpu/round10.sh` after
 # the vLLM parts are staged and installed, with .gpu/sglang/part-1 carried.  Most needed first.
 G="bash benchmarks/gpu/gpu.sh"
 R=/root/results
@@ -13,6 +15,7 @@ $G e2e vllm - e2e_vllm_h200_r10_chunk32k --rounds 5 --decode-tokens 32 --no-batc
   --trace /root/trace-vllm-32k
 CONVGPT_PARITY_CHUNK=512 CONVGPT_PARITY_GEOMETRIES=tied-F16-k3 PARITY_TIMEOUT=300 \
   $G parity vllm - parity_vllm_h200_bf16_r10_chunk512
+$G e2e vllm - e2e_vllm_h200_r10_twinfirst --twin-first --rounds 5 --decode-tokens 64 --trace /root/trace-vllm-tf
 wait $SGL
 ls -la ~/.cache/flashinfer ~/.cache/tvm-ffi > $R/jit_caches_before_sglang_r10.txt 2>&1
 CONVGPT_SGLANG_LOG_LEVEL=info $G e2e sglang - e2e_sglang_h200_r10_twinfirst --twin-first --rounds 3 --decode-tokens 32 \
