@@ -41,14 +41,16 @@ def _replacement(node: torch.fx.Node):
     """(function of the node's tensor inputs, those input nodes) for an op call this pass
     rewrites, or None."""
     ops = torch.ops.convgpt
-    if node.op != "call_function":
+    if node.op != "call_function" or node.kwargs:  # the adapters pass every argument by position
         return None
     if hasattr(ops, "norm_linear") and node.target is ops.norm_linear.default:
+        if len(node.args) != 6:
+            return None
         x, residual, norm_weight, eps, weight, swiglu = node.args
         if residual is None:
             return (lambda x, nw, w: _norm_linear_aten(x, None, nw, eps, w, swiglu)), [x, norm_weight, weight]
         return (lambda x, r, nw, w: _norm_linear_aten(x, r, nw, eps, w, swiglu)), [x, residual, norm_weight, weight]
-    if hasattr(ops, "narrow_linear") and node.target is ops.narrow_linear.default:
+    if hasattr(ops, "narrow_linear") and node.target is ops.narrow_linear.default and len(node.args) == 2:
         return F.linear, list(node.args)
     return None
 
