@@ -60,7 +60,12 @@ from convgpt_core.compressor import CausalConvPool, ScaleNorm, after_loading
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 from convgpt_core.kernels import compress, warm_up
 from convgpt_core.narrow_linear import to_stream
-from convgpt_core.norm_linear import fused_decoder_layer, norm_linear_available
+from convgpt_core.norm_linear import (
+    fused_decoder_layer,
+    norm_linear_available,
+    norm_linear_torch,
+    silu_mul_torch,
+)
 
 logger = init_logger(__name__)
 
@@ -279,8 +284,8 @@ class UnfuseAboveKernelRows(InductorPass):
         return compile_range.start > graph_pass.FUSED_UP_TO
 
     def uuid(self) -> str:
-        return self.hash_source(self, graph_pass.unfuse_ops, graph_pass._replacement,
-                                graph_pass._norm_linear_aten, str(graph_pass.FUSED_UP_TO))
+        return self.hash_source(self, graph_pass.unfuse_ops, graph_pass._replacement, graph_pass._norm_linear_aten,
+                                norm_linear_torch, silu_mul_torch, str(graph_pass.FUSED_UP_TO))
 
 
 def split_compile_at_kernel_rows(vllm_config: VllmConfig) -> bool:
