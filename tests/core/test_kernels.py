@@ -641,6 +641,34 @@ def test_fused_decoder_layer_with_narrow_linears(interp):
     torch.testing.assert_close(s.double(), want_s, rtol=1e-5, atol=1e-5)
 
 
+class _Layer:
+    """The fused layer as the adapters run it (``nl.fused_decoder_layer`` with ``narrow_linear``
+    back to the stream; attention stood in by q/k/v's first ``heads`` columns), bfloat16-exact
+    inputs for up to ``rows`` tokens, and its float64 reference."""
+
+    def __init__(self, rows: int, qkv: int, heads: int, inner: int, **to):
+        self.x, self.r, self.nw1, self.wqkv = _nl_case(rows, 144, qkv, False)
+        _, _, self.nw2, self.wgu = _nl_case(rows, 144, inner, True)
+        self.wo, self.wd = _nar_case(5, heads, 144)[1], _nar_case(5, inner, 144)[1]
+        self.heads, self.to = heads, to
+        self.p = [t.to(**to) for t in (self.nw1, self.wqkv, self.wo, self.nw2, self.wgu, self.wd)]
+
+    def __call__(self, h, res):
+        p = self.p
+        return nl.fused_decoder_layer(h, res, (p[0], 1e-6), p[1], lambda qkv: qkv[..., :self.heads],
+                                      lambda heads: nar.narrow_linear(heads, p[2]), (p[3], 1e-6), p[4],
+                                      lambda act: nar.narrow_linear(act, p[5]))
+
+    def inputs(self, m: int):
+        return self.x[:m].to(**self.to), self.r[:m].to(**self.to)
+
+    def assert_matches(self, m: int, y, s, tol: float) -> None:
+        qkv, s1 = _nl_reference(self.x[:m], self.r[:m], self.nw1, 1e-6, self.wqkv, False)
+        act, want_s = _nl_reference(qkv[:, :self.heads] @ self.wo.T, s1, self.nw2, 1e-6, self.wgu, True)
+        torch.testing.assert_close(y.double().cpu(), act @ self.wd.T, rtol=tol, atol=tol)
+        torch.testing.assert_close(s.double().cpu(), want_s, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpu_fused_decoder_layer_under_inductor(gpu, monkeypatch, dtype):
     """What vLLM compiles on CUDA: the fused layer (published widths) in one Inductor graph for
@@ -648,27 +676,12 @@ def test_gpu_fused_decoder_layer_under_inductor(gpu, monkeypatch, dtype):
     calls = _record_runs(monkeypatch, nl, "norm_linear_triton", "norm_linear_torch")
     _record_runs(monkeypatch, nar, "_kernel_or_cublas", calls=calls)
     big = 2 * nl.MAX_ROWS + 3
-    x, r, nw1, wqkv = _nl_case(big, 144, 2560, False)
-    _, _, nw2, wgu = _nl_case(big, 144, 3072, True)
-    wo, wd = _nar_case(5, 2048, 144)[1], _nar_case(5, 3072, 144)[1]
-    to = dict(device="cuda", dtype=dtype)
-    p = [t.to(**to) for t in (nw1, wqkv, wo, nw2, wgu, wd)]
-
-    def layer(h, res):
-        return nl.fused_decoder_layer(h, res, (p[0], 1e-6), p[1], lambda qkv: qkv[..., :2048],
-                                      lambda heads: nar.narrow_linear(heads, p[2]), (p[3], 1e-6), p[4],
-                                      lambda act: nar.narrow_linear(act, p[5]))
-
+    layer = _Layer(big, 2560, 2048, 3072, device="cuda", dtype=dtype)
     torch._dynamo.reset()
     fn = torch.compile(layer, fullgraph=True)
     sizes = (3, big, 64)
-    outs = _one_graph_for_every_size(fn, [(x[:m].to(**to), r[:m].to(**to)) for m in sizes])
-    for m, (y, s) in zip(sizes, outs):
-        qkv, s1 = _nl_reference(x[:m], r[:m], nw1, 1e-6, wqkv, False)
-        act, want_s = _nl_reference(qkv[:, :2048] @ wo.T, s1, nw2, 1e-6, wgu, True)
-        tol = 2 * NL_TOL[dtype]
-        torch.testing.assert_close(y.double().cpu(), act @ wd.T, rtol=tol, atol=tol)
-        torch.testing.assert_close(s.double().cpu(), want_s, rtol=tol, atol=tol)
+    for m, (y, s) in zip(sizes, _one_graph_for_every_size(fn, [layer.inputs(m) for m in sizes])):
+        layer.assert_matches(m, y, s, 2 * NL_TOL[dtype])
     norm = ["norm_linear_triton" if m <= nl.MAX_ROWS else "norm_linear_torch" for m in sizes]
     want = [(name, m) for m, n in zip(sizes, norm) for name in (n, n, "_kernel_or_cublas", "_kernel_or_cublas")]
     assert sorted(calls) == sorted(want)  # per size: two norm_linear and two narrow_linear
@@ -693,31 +706,17 @@ def _check_unfused_above_kernel_rows(monkeypatch, device, dtype):
     calls = _record_runs(monkeypatch, nl, "_kernel_or_torch")
     _record_runs(monkeypatch, nar, "_kernel_or_cublas", calls=calls)
     big = 2 * graph_pass.FUSED_UP_TO + 3
-    x, r, nw1, wqkv = _nl_case(big, 144, 384, False)
-    _, _, nw2, wgu = _nl_case(big, 144, 320, True)
-    wo, wd = _nar_case(5, 256, 144)[1], _nar_case(5, 320, 144)[1]
-    to = dict(device=device, dtype=dtype)
-    p = [t.to(**to) for t in (nw1, wqkv, wo, nw2, wgu, wd)]
-
-    def layer(h, res):
-        return nl.fused_decoder_layer(h, res, (p[0], 1e-6), p[1], lambda qkv: qkv[..., :256],
-                                      lambda heads: nar.narrow_linear(heads, p[2]), (p[3], 1e-6), p[4],
-                                      lambda act: nar.narrow_linear(act, p[5]))
-
+    layer = _Layer(big, 384, 256, 320, device=device, dtype=dtype)
     torch._dynamo.reset()
     sizes = (graph_pass.FUSED_UP_TO + 1, big)
     with torch._inductor.config.patch(post_grad_custom_post_pass=Unfuse(), force_disable_caches=True):
         fn = torch.compile(layer, fullgraph=True)
-        outs = _one_graph_for_every_size(fn, [(x[:m].to(**to), r[:m].to(**to)) for m in sizes])
-    tol = 2 * NL_TOL[dtype]
+        outs = _one_graph_for_every_size(fn, [layer.inputs(m) for m in sizes])
     for m, (y, s) in zip(sizes, outs):
-        qkv, s1 = _nl_reference(x[:m], r[:m], nw1, 1e-6, wqkv, False)
-        act, want_s = _nl_reference(qkv[:, :256] @ wo.T, s1, nw2, 1e-6, wgu, True)
-        torch.testing.assert_close(y.double().cpu(), act @ wd.T, rtol=tol, atol=tol)
-        torch.testing.assert_close(s.double().cpu(), want_s, rtol=tol, atol=tol)
+        layer.assert_matches(m, y, s, 2 * NL_TOL[dtype])
     assert calls == []
     # the same layer run eagerly goes through the ops' bodies: the recording sees calls
-    layer(x[:big].to(**to), r[:big].to(**to))
+    layer(*layer.inputs(big))
     assert sorted(calls) == sorted([("_kernel_or_torch", big)] * 2 + [("_kernel_or_cublas", big)] * 2)
 
 
