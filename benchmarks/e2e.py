@@ -22,8 +22,10 @@ sees the kernels inside the graph replays); then each model is
 started alone with CUDA graphs off (kernels launched one by one, the same compiled kernels)
 for GPU-busy time, kernel count, attention share and GPU time per op class beside the
 twin's, at batch B and 1, and one prefill's GPU time by op class.  The table puts the timed
-rounds' wall time per step beside the GPU-busy time.  ``--rounds 0 --trace DIR --out JSON``
-adds the graphs-off traces to an earlier run's JSON.
+rounds' wall time per step beside the GPU-busy time, from the timed engines' traces first where
+they hold kernels (those engines tune Inductor's kernels as they ran; the graphs-off engines
+tune some at their first, small step).  ``--timed-trace-only`` leaves the graphs-off engines
+out; ``--rounds 0 --trace DIR --out JSON`` adds their traces to an earlier run's JSON.
 
 Usage (a CUDA machine, the engine importable, tests/ on PYTHONPATH as nox sets it):
     python benchmarks/e2e.py --engine vllm --out benchmarks/results/e2e_vllm_h200.json [--trace DIR]
@@ -243,9 +245,42 @@ def wall_step_ms(result: dict, batch: int) -> dict[str, float]:
     return {n: batch / m["median_tok_s"][n] * 1e3 for n in MODELS} if m else {}
 
 
-def table(data: dict) -> str:
+def step_rows(data: dict, src: dict, title: str) -> list[str]:
+    """Per decode step from one set of traces: GPU-busy, kernels, attention share and the
+    timed rounds' wall time per model, then ConvGPT's GPU time per op class beside the twin's."""
     import steptrace as st
 
+    lines = [f"per decode step: kernels from {title}; wall from the timed rounds",
+             f"{'model, step':<24}{'GPU-busy ms':>12}{'kernels':>9}{'attention':>11}{'wall ms':>9}{'wall - busy':>13}"]
+    for label in [k for k in src.get("convgpt", {}) if k.startswith("decode")]:
+        walls = wall_step_ms(data["result"], int(label.split("_b")[1]))
+        for name in MODELS:
+            s = src.get(name, {}).get(label)
+            if not s:
+                continue
+            wall = walls.get(name)
+            tail = f"{wall:>9.3f}{wall - s['busy_ms']:>13.3f}" if wall else f"{'-':>9}{'-':>13}"
+            lines.append(f"{name + ' ' + label:<24}{s['busy_ms']:>12.3f}{s['kernels']:>9.0f}"
+                         f"{s['attention_share']:>10.0%}{tail}")
+        c, t = src.get("convgpt", {}).get(label), src.get("twin", {}).get(label)
+        if not (c and t and t["busy_ms"]):
+            continue
+        lines.append(f"  ConvGPT / twin GPU-busy per step: {c['busy_ms'] / t['busy_ms']:.2f}x; "
+                     "per op class, us per step (ConvGPT vs twin):")
+
+        def row(cls: str, a: float, b: float, flag: bool = True) -> str:
+            return f"    {cls:<22}{a:>9.1f}{b:>9.1f}{'  <- slower' if flag and a > 1.05 * b + 1 else ''}"
+
+        for cls in sorted(set(c["us_by_class"]) | set(t["us_by_class"]), key=lambda k: -t["us_by_class"].get(k, 0.0)):
+            lines.append(row(cls, c["us_by_class"].get(cls, 0.0), t["us_by_class"].get(cls, 0.0),
+                             flag=cls not in st.FUSED_PARTS))
+        if st.FUSED_NORM_GEMM in c["us_by_class"]:  # judged together: what it replaces
+            a, b = (sum(x["us_by_class"].get(k, 0.0) for k in st.FUSED_PARTS) for x in (c, t))
+            lines.append(row("  norm+gemm+activation", a, b))
+    return lines
+
+
+def table(data: dict) -> str:
     m = data["result"]["measurements"]
     lines = [f"{'measurement':<22}{'ConvGPT tok/s':>15}{'twin tok/s':>13}{'ratio median':>14}{'min-max':>15}"]
     for label, r in m.items():
@@ -255,47 +290,25 @@ def table(data: dict) -> str:
     starts = data["result"]["engine_start_s"]
     lines.append(f"engine start s: ConvGPT {starts['convgpt']:.0f}, twin {starts['twin']:.0f}; "
                  f"{data['args']['rounds']} interleaved rounds")
-    tr = data["result"].get("traces")
-    if tr:
-        lines.append("")
-        lines.append("per decode step (kernels from a trace with CUDA graphs off; wall from the timed rounds)")
-        lines.append(f"{'model, step':<24}{'GPU-busy ms':>12}{'kernels':>9}{'attention':>11}{'wall ms':>9}"
-                     f"{'wall - busy':>13}")
-        for label in [k for k in tr.get("convgpt", {}) if k.startswith("decode")]:
-            batch = int(label.split("_b")[1])
-            walls = wall_step_ms(data["result"], batch)
-            for name in MODELS:
-                s = tr.get(name, {}).get(label)
-                if not s:
-                    continue
-                wall = walls.get(name)
-                tail = f"{wall:>9.3f}{wall - s['busy_ms']:>13.3f}" if wall else f"{'-':>9}{'-':>13}"
-                lines.append(f"{name + ' ' + label:<24}{s['busy_ms']:>12.3f}{s['kernels']:>9.0f}"
-                             f"{s['attention_share']:>10.0%}{tail}")
-            c, t = tr.get("convgpt", {}).get(label), tr.get("twin", {}).get(label)
-            if c and t and t["busy_ms"]:
-                lines.append(f"  ConvGPT / twin GPU-busy per step: {c['busy_ms'] / t['busy_ms']:.2f}x; "
-                             "per op class, us per step (ConvGPT vs twin):")
-                def row(cls: str, a: float, b: float, flag: bool = True) -> str:
-                    return f"    {cls:<22}{a:>9.1f}{b:>9.1f}{'  <- slower' if flag and a > 1.05 * b + 1 else ''}"
-
-                for cls in sorted(set(c["us_by_class"]) | set(t["us_by_class"]),
-                                  key=lambda k: -t["us_by_class"].get(k, 0.0)):
-                    a, b = c["us_by_class"].get(cls, 0.0), t["us_by_class"].get(cls, 0.0)
-                    lines.append(row(cls, a, b, flag=cls not in st.FUSED_PARTS))
-                if st.FUSED_NORM_GEMM in c["us_by_class"]:  # judged together: what it replaces
-                    a, b = (sum(x["us_by_class"].get(k, 0.0) for k in st.FUSED_PARTS) for x in (c, t))
-                    lines.append(row("  norm+gemm+activation", a, b))
-        for name in MODELS:
-            s = tr.get(name, {}).get("prefill")
-            if s:
-                parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(s["ms_by_class"].items(), key=lambda kv: -kv[1]))
-                span = (f" in a {s['span_ms']:.1f} ms span, GPU idle {s['idle_ms']:.1f} ms" if "span_ms" in s
-                        else "")  # results before round 7 have no span
-                lines.append(f"{name} prefill GPU ms by op class: total {s['total_ms']:.1f}{span}: {parts}")
-                if s.get("cpu_ops"):  # from round 8 (nested ops counted in each)
-                    lines.append("    CPU ops (calls, ms): " + "; ".join(f"{n} x{c} {ms}" for n, c, ms in s["cpu_ops"]))
-    host = data["result"].get("host_traces")
+    tr = data["result"].get("traces") or {}
+    host = data["result"].get("host_traces") or {}
+    # The timed engines' own traces (CUDA graphs on) where the profiler saw their kernels
+    # (H200, torch 2.11): what the timed rounds ran, Inductor's kernels tuned as they were
+    # there.  The graphs-off engines tune some of Inductor's kernels at their first, small
+    # step (round 10: one q/k-norm reduction 98 us a step there, 51 us in the timed engine).
+    timed = {n: {k: v for k, v in steps.items() if v.get("kernels", 0) > 0} for n, steps in host.items()}
+    for title, src in (("the timed engines, CUDA graphs on", timed), ("engines with CUDA graphs off", tr)):
+        if any(k.startswith("decode") for k in src.get("convgpt", {})):
+            lines += [""] + step_rows(data, src, title)
+    for name in MODELS:
+        s = tr.get(name, {}).get("prefill")
+        if s:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(s["ms_by_class"].items(), key=lambda kv: -kv[1]))
+            span = (f" in a {s['span_ms']:.1f} ms span, GPU idle {s['idle_ms']:.1f} ms" if "span_ms" in s
+                    else "")  # results before round 7 have no span
+            lines.append(f"{name} prefill GPU ms by op class (CUDA graphs off): total {s['total_ms']:.1f}{span}: {parts}")
+            if s.get("cpu_ops"):  # from round 8 (nested ops counted in each)
+                lines.append("    CPU ops (calls, ms): " + "; ".join(f"{n} x{c} {ms}" for n, c, ms in s["cpu_ops"]))
     if host:
         lines.append("")
         lines.append("a decode step with CUDA graphs on (the timed engines), per step: kernels and their GPU "
@@ -364,6 +377,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--layers", type=int, help="override both models' depth (harness checks on a CPU)")
     ap.add_argument("--trace", metavar="DIR",
                     help="then profile decode steps and a prefill of each model (traces kept in DIR)")
+    ap.add_argument("--timed-trace-only", action="store_true",
+                    help="with --trace: trace the timed engines only (no engines with CUDA graphs off)")
     ap.add_argument("--plot-only", nargs=2, metavar=("JSON", "PNG"))
     ap.add_argument("--table-only", metavar="JSON", help="print the table of an earlier result")
     return ap
@@ -393,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
         else:  # traces for an earlier run's measurements
             data = json.load(open(args.out))
             data["meta"]["trace_argv"] = sys.argv
-        if args.trace:
+        if args.trace and not args.timed_trace_only:
             data["result"]["traces"] = traces(args, paths, os.path.abspath(args.trace))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
