@@ -1,4 +1,5 @@
-# Round 10 (what round 9 left; not run yet): bf16 parity on vLLM over two checkpoints at the
+# Round 10 (what round 9 left; ran up to the 512-budget parity, the rest did not fit the session's
+# device time, see benchmarks/results/README.md "Round 10"): bf16 parity on vLLM over two checkpoints at the
 # matrix's own budget (64 tokens: the graph for up to 256) and at 512 (the graph above); vLLM's
 # prefill with a 32k-token budget, i.e. half the steps and so half of vLLM's per-step host work
 # (both models) for the same tokens; SGLang with the twin started first (is ConvGPT's long first
