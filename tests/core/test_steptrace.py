@@ -82,3 +82,33 @@ def test_fused_norm_linear_kernels_have_their_own_class():
     assert steptrace.op_class(narrow_linear._narrow_linear_src.__name__) == "gemm"  # o_proj, down
     assert steptrace.op_class("triton_per_fused_add_rms_norm_0") == "norm"
     assert steptrace.FUSED_NORM_GEMM in steptrace.FUSED_PARTS and "gemm" in steptrace.FUSED_PARTS
+
+
+def test_benchmark_table_reads_the_timed_engines_first(tmp_path):
+    # e2e.py's table: per-step GPU-busy and op classes from the timed engines' traces (CUDA graphs
+    # on) where the profiler saw their kernels, then from the graphs-off engines; an old result whose
+    # graphs-on traces hold no kernels gets the graphs-off block alone
+    import e2e
+
+    def step(scale: float) -> dict:
+        long, short = (_trace(tmp_path / f"{n}-{scale}.json.gz", t) for n, t in (("long", 17), ("short", 1)))
+        s = steptrace.decode_per_step(steptrace.window(long), steptrace.window(short), 16)
+        return dict(s, busy_ms=s["busy_ms"] * scale, us_by_class={k: v * scale for k, v in s["us_by_class"].items()})
+
+    timed = {"convgpt": {"decode_b8": step(1.0)}, "twin": {"decode_b8": step(2.0)}}
+    off = {"convgpt": {"decode_b8": step(3.0)}, "twin": {"decode_b8": step(2.0)}}
+    result = {"measurements": {"decode b8": {"median_tok_s": {"convgpt": 8000.0, "twin": 4000.0},
+                                             "ratio_median": 2.0, "ratio_min": 1.5, "ratio_max": 2.5}},
+              "engine_start_s": {"convgpt": 1.0, "twin": 1.0}, "host_traces": timed, "traces": off}
+    text = e2e.table({"args": {"rounds": 5}, "result": result})
+    blocks = text.split("per decode step: kernels from ")[1:]
+    assert [b.split(";")[0] for b in blocks] == ["the timed engines, CUDA graphs on", "engines with CUDA graphs off"]
+    assert "GPU-busy per step: 0.50x" in blocks[0] and "GPU-busy per step: 1.50x" in blocks[1]
+    assert "<- slower" not in blocks[0] and "<- slower" in blocks[1]
+    wall = f"{8 / 8000 * 1e3:>9.3f}"  # batch 8 at 8000 tok/s: 1 ms a step
+    assert any(line.startswith("convgpt decode_b8") and wall in line for line in blocks[0].splitlines())
+
+    for s in timed.values():
+        s["decode_b8"]["kernels"] = 0  # a profiler that does not see inside graph replays
+    text = e2e.table({"args": {"rounds": 5}, "result": result})
+    assert text.count("per decode step: kernels from ") == 1 and "from engines with CUDA graphs off" in text
