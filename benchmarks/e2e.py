@@ -12,7 +12,12 @@ the median of the per-round ratios ConvGPT / twin with its min-max.
 * prefill: N x L-token prompts, 1 output token each -> prompt tokens / s;
 * decode at batch B: B prompts of P tokens, T output tokens; decode tok/s = B * (T - 1) /
   (time(T tokens) - time(1 token)), i.e. the prefill is subtracted;
-* the same at batch 1.
+* the same at batch 1;
+* vLLM only, "decode bB steady": B over the median gap between two of the engine's step
+  outputs that both carry a further token of every request (its own step loop, which
+  ``LLM.generate`` drives), i.e. a decode step with no prefill chunk in it.  The difference
+  above holds every step the scheduler ran between the two runs' prefills, which it may split
+  differently from run to run; the steady rows do not.
 
 ``--trace DIR`` adds kernel traces (the engine's own torch profiler; ``benchmarks/steptrace.py``
 reads them).  A decode step is the difference of two profiled runs of the same requests,
@@ -120,6 +125,24 @@ class Bench:
         tokens = self.args.decode_tokens
         return len(batch) * (tokens - 1) / (self.timed(batch, tokens) - self.timed(batch, 1))
 
+    def steady(self, batch) -> float:
+        """Decode tok/s from the engine's steady steps alone: ``len(batch)`` over the median
+        time between two step outputs in which every request got a token it was not the first
+        (:func:`steady_step_s`; vLLM's step loop, ``drivers.VLLMDriver.step_marks``)."""
+        _synchronize()
+        return len(batch) / steady_step_s(self.engine.step_marks(batch, self.args.decode_tokens), len(batch))
+
+
+def steady_step_s(marks: list[tuple[float, int]], batch: int) -> float:
+    """The median gap between consecutive step outputs that both carry a further token of all
+    ``batch`` requests: a step with nothing but those requests' decode in it, no prefill
+    chunk, no request joining or leaving (what ``decode`` cannot separate: it differences two
+    runs whose prefill steps the scheduler may split differently)."""
+    gaps = [t1 - t0 for (t0, n0), (t1, n1) in zip(marks, marks[1:]) if n0 == batch and n1 == batch]
+    if not gaps:
+        raise RuntimeError(f"no two consecutive decode steps of all {batch} requests in {len(marks)} step outputs")
+    return statistics.median(gaps)
+
 
 def engine_settings(args, **over):
     """The engine settings of every model of a run (both models get the same)."""
@@ -137,9 +160,11 @@ def measurements(args) -> list[tuple[str, str, int, int]]:
     out = []
     if args.prefill_n:
         out.append((f"prefill {args.prefill_n}x{args.prefill_len}", "prefill", args.prefill_n, args.prefill_len))
-    out.append((f"decode b{args.batch}", "decode", args.batch, args.decode_prompt))
-    if not args.no_batch1:
-        out.append(("decode b1", "decode", 1, args.decode_prompt))
+    batches = [args.batch] + ([] if args.no_batch1 else [1])
+    for batch in batches:
+        out.append((f"decode b{batch}", "decode", batch, args.decode_prompt))
+    if args.engine == "vllm":  # its step loop is open to the benchmark; SGLang's offline engine's is not
+        out += [(f"decode b{batch} steady", "steady", batch, args.decode_prompt) for batch in batches]
     return out
 
 
@@ -240,8 +265,10 @@ def traces(args, paths: dict[str, str], trace_dir: str) -> dict:
 
 
 def wall_step_ms(result: dict, batch: int) -> dict[str, float]:
-    """Each model's wall time per decode step at ``batch`` from the timed (CUDA-graph) rounds."""
-    m = result.get("measurements", {}).get(f"decode b{batch}")
+    """Each model's wall time per decode step at ``batch`` from the timed (CUDA-graph) rounds:
+    the steady steps where measured, else the two runs' difference."""
+    ms = result.get("measurements", {})
+    m = ms.get(f"decode b{batch} steady") or ms.get(f"decode b{batch}")
     return {n: batch / m["median_tok_s"][n] * 1e3 for n in MODELS} if m else {}
 
 

@@ -112,6 +112,30 @@ class VLLMDriver:
             out.append(_record(r, c.token_ids, steps, o.num_cached_tokens))
         return out
 
+    def step_marks(self, requests: list[list[int]], max_tokens: int) -> list[tuple[float, int]]:
+        """Run ``requests`` through the engine's own step loop (what ``LLM.generate`` drives),
+        new tokens only: per engine step, the time its output reached this process and how
+        many requests had a token before it and got one more."""
+        import itertools
+        import time
+
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=self.detokenize,
+                            output_kind=RequestOutputKind.DELTA)
+        engine = self.llm.llm_engine
+        self._ids = getattr(self, "_ids", itertools.count())
+        for r in requests:
+            engine.add_request(f"steps-{next(self._ids)}", {"prompt_token_ids": r}, sp)
+        started, marks = set(), []
+        while engine.has_unfinished_requests():
+            outs = [o for o in engine.step() if o.outputs and o.outputs[0].token_ids]
+            if outs:
+                marks.append((time.perf_counter(), sum(o.request_id in started for o in outs)))
+                started.update(o.request_id for o in outs)
+        return marks
+
     def stop(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm

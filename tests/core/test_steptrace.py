@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import steptrace  # noqa: E402
 
@@ -112,3 +114,15 @@ def test_benchmark_table_reads_the_timed_engines_first(tmp_path):
         s["decode_b8"]["kernels"] = 0  # a profiler that does not see inside graph replays
     text = e2e.table({"args": {"rounds": 5}, "result": result})
     assert text.count("per decode step: kernels from ") == 1 and "from engines with CUDA graphs off" in text
+
+
+def test_steady_decode_step_is_the_median_gap_between_full_decode_steps():
+    # step outputs of 3 requests: two prefill steps (first tokens: 0, then 1 request continuing),
+    # then decode steps 10 ms apart with one 50 ms outlier, the last step after one request ended
+    import e2e
+
+    marks = [(0.0, 0), (0.030, 1), (0.040, 3), (0.050, 3), (0.100, 3), (0.110, 3), (0.120, 3), (0.125, 2)]
+    assert abs(e2e.steady_step_s(marks, 3) - 0.010) < 1e-12
+    assert abs(e2e.steady_step_s(marks[:4], 3) - 0.010) < 1e-12  # only 0.040 -> 0.050 counts
+    with pytest.raises(RuntimeError, match="no two consecutive decode steps of all 3 requests"):
+        e2e.steady_step_s(marks[:3], 3)

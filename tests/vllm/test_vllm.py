@@ -158,3 +158,17 @@ def test_compile_splits_at_kernel_rows_and_unfuses_above():
     assert not split_compile_at_kernel_rows(vc)
     assert vc.compilation_config.inductor_compile_config[key] is theirs
     assert len(vc.compilation_config.get_compile_ranges()) == 1
+
+
+def test_engine_step_loop_gives_each_decode_token_its_own_step(engines):
+    """The benchmark's steady decode (benchmarks/e2e.py, `steady_step_s`) times the gaps between
+    the engine's step outputs: each request's tokens must come one per step output, the first
+    output of a request holding its first token, and the batch must end in steps that carry a
+    token of every request."""
+    prompts = [[5, 6, 7, 8], [9] * 11, [12, 13]]
+    tokens = 6
+    marks = engines("trained").step_marks(prompts, tokens)
+    continued = [n for _, n in marks]
+    assert sum(continued) == len(prompts) * (tokens - 1)  # one new token per request per output
+    assert continued[0] == 0 and continued[-3:] == [len(prompts)] * 3
+    assert all(t0 < t1 for (t0, _), (t1, _) in zip(marks, marks[1:]))
