@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import drivers
 import servers
 from helpers import LINE_NEXT, LINE_START, with_auto_map
 from judge import assert_sequence_matches_reference
@@ -160,14 +161,20 @@ def test_compile_splits_at_kernel_rows_and_unfuses_above():
     assert len(vc.compilation_config.get_compile_ranges()) == 1
 
 
-def test_engine_step_loop_gives_each_decode_token_its_own_step(engines):
+def test_engine_step_loop_gives_each_decode_token_its_own_step(trained_dir):
     """The benchmark's steady decode (benchmarks/e2e.py, `steady_step_s`) times the gaps between
     the engine's step outputs: each request's tokens must come one per step output, the first
     output of a request holding its first token, and the batch must end in steps that carry a
-    token of every request."""
+    token of every request.  Its own engine: on CPU the engines run in this process, and the
+    tests before this one that start and stop engines take down the distributed groups that an
+    engine started earlier (the shared ones) steps with."""
     prompts = [[5, 6, 7, 8], [9] * 11, [12, 13]]
     tokens = 6
-    marks = engines("trained").step_marks(prompts, tokens)
+    driver = drivers.start("vllm", trained_dir)
+    try:
+        marks = driver.step_marks(prompts, tokens)
+    finally:
+        driver.stop()
     continued = [n for _, n in marks]
     assert sum(continued) == len(prompts) * (tokens - 1)  # one new token per request per output
     assert continued[0] == 0 and continued[-3:] == [len(prompts)] * 3
