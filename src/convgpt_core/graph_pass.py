@@ -33,8 +33,9 @@ FUSED_UP_TO = max(_norm.MAX_ROWS, _narrow.MAX_ROWS)
 
 def _norm_linear_aten(x, residual, norm_weight, eps, weight, swiglu):
     """``convgpt::norm_linear``'s unfused path in plain aten ops, as the op returns it."""
-    y, s = _norm.norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu, silu_mul=_norm.silu_mul_torch)
-    return y, (x.new_empty(0) if s is None else s)
+    return _norm.op_outputs(
+        x, *_norm.norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu, silu_mul=_norm.silu_mul_torch)
+    )
 
 
 def _replacement(node: torch.fx.Node):

@@ -258,9 +258,15 @@ def _kernel_or_torch(x, residual, norm_weight, eps, weight, swiglu):
 # The opaque custom op for torch.compile, and the dispatch the adapters call
 
 
-def _op_impl(x, residual, norm_weight, eps, weight, swiglu):
-    y, s = _kernel_or_torch(x, residual, norm_weight, eps, weight, swiglu)
+def op_outputs(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, s)`` as ``convgpt::norm_linear`` returns them: an op returns tensors only, so a
+    call without a residual gives an empty second output (the op's body, and the unfused path
+    :mod:`convgpt_core.graph_pass` writes in its place)."""
     return y, (x.new_empty(0) if s is None else s)
+
+
+def _op_impl(x, residual, norm_weight, eps, weight, swiglu):
+    return op_outputs(x, *_kernel_or_torch(x, residual, norm_weight, eps, weight, swiglu))
 
 
 def _op_fake(x, residual, norm_weight, eps, weight, swiglu):

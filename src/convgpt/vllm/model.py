@@ -64,6 +64,7 @@ from convgpt_core.norm_linear import (
     fused_decoder_layer,
     norm_linear_available,
     norm_linear_torch,
+    op_outputs,
     silu_mul_torch,
 )
 
@@ -285,7 +286,7 @@ class UnfuseAboveKernelRows(InductorPass):
 
     def uuid(self) -> str:
         return self.hash_source(self, graph_pass.unfuse_ops, graph_pass._replacement, graph_pass._norm_linear_aten,
-                                norm_linear_torch, silu_mul_torch, str(graph_pass.FUSED_UP_TO))
+                                norm_linear_torch, silu_mul_torch, op_outputs, str(graph_pass.FUSED_UP_TO))
 
 
 def split_compile_at_kernel_rows(vllm_config: VllmConfig) -> bool:
