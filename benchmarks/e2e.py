@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -122,14 +123,29 @@ class Bench:
         return len(batch) * len(batch[0]) / self.timed(batch, 1)
 
     def decode(self, batch) -> float:
+        """NaN where the one-token run took as long as the whole run (noise larger than the
+        decode: too few ``--decode-tokens``); :func:`summary` leaves such rounds out."""
         tokens = self.args.decode_tokens
-        return len(batch) * (tokens - 1) / (self.timed(batch, tokens) - self.timed(batch, 1))
+        dt = self.timed(batch, tokens) - self.timed(batch, 1)
+        return len(batch) * (tokens - 1) / dt if dt > 0 else float("nan")
 
     def steady(self, batch) -> float:
         """Decode tok/s from the engine's steady steps alone: ``len(batch)`` over the median
         time between two step outputs in which every request got a token it was not the first
         (:func:`steady_step_s`; vLLM's step loop, ``drivers.VLLMDriver.step_marks``)."""
         return len(batch) / steady_step_s(self.engine.step_marks(batch, self.args.decode_tokens), len(batch))
+
+
+def summary(samples: dict[str, list[float]]) -> dict:
+    """Medians and the per-round ratio's median and min-max, over the rounds in which both
+    models' throughputs are valid (finite, positive); the others are counted, not used."""
+    rounds = [(c, t) for c, t in zip(samples["convgpt"], samples["twin"]) if 0 < c < math.inf and 0 < t < math.inf]
+    if not rounds:
+        raise RuntimeError(f"no round gave a valid throughput for both models: {samples}")
+    ratios = [c / t for c, t in rounds]
+    return {"tok_s": samples, "median_tok_s": {n: statistics.median(v) for n, v in zip(MODELS, zip(*rounds))},
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "invalid_rounds": len(samples["convgpt"]) - len(rounds)}
 
 
 def steady_step_s(marks: list[tuple[float, int]], batch: int) -> float:
@@ -184,11 +200,7 @@ def run(args, paths: dict[str, str]) -> dict:
         for _ in range(args.rounds):  # A/B/A/B
             for n in MODELS:
                 samples[n].append(getattr(benches[n], kind)(inputs[n]))
-        ratios = [c / t for c, t in zip(samples["convgpt"], samples["twin"])]
-        result["measurements"][label] = {
-            "tok_s": samples, "median_tok_s": {n: statistics.median(v) for n, v in samples.items()},
-            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-        }
+        result["measurements"][label] = summary(samples)
         print(label, json.dumps(result["measurements"][label]), file=sys.stderr, flush=True)
     if args.trace:
         result["host_traces"] = host_traces(args, benches, os.path.abspath(args.trace))
@@ -268,7 +280,7 @@ def wall_step_ms(result: dict, batch: int) -> dict[str, float]:
     the steady steps where measured, else the two runs' difference."""
     ms = result.get("measurements", {})
     m = ms.get(f"decode b{batch} steady") or ms.get(f"decode b{batch}")
-    return {n: batch / m["median_tok_s"][n] * 1e3 for n in MODELS} if m else {}
+    return {n: batch / summary(m["tok_s"])["median_tok_s"][n] * 1e3 for n in MODELS} if m else {}
 
 
 def step_rows(data: dict, src: dict, title: str) -> list[str]:
@@ -310,9 +322,11 @@ def table(data: dict) -> str:
     m = data["result"]["measurements"]
     lines = [f"{'measurement':<22}{'ConvGPT tok/s':>15}{'twin tok/s':>13}{'ratio median':>14}{'min-max':>15}"]
     for label, r in m.items():
+        r = summary(r["tok_s"])  # from the rounds (JSONs of before invalid rounds were left out too)
         c, t = r["median_tok_s"]["convgpt"], r["median_tok_s"]["twin"]
         lines.append(f"{label:<22}{c:>15,.0f}{t:>13,.0f}{r['ratio_median']:>14.2f}"
-                     f"{r['ratio_min']:>8.2f}-{r['ratio_max']:.2f}")
+                     f"{r['ratio_min']:>8.2f}-{r['ratio_max']:.2f}"
+                     + (f"  ({r['invalid_rounds']} invalid round(s) left out)" if r["invalid_rounds"] else ""))
     starts = data["result"]["engine_start_s"]
     lines.append(f"engine start s: ConvGPT {starts['convgpt']:.0f}, twin {starts['twin']:.0f}; "
                  f"{data['args']['rounds']} interleaved rounds")
@@ -359,7 +373,7 @@ def plot(json_path: str, png_path: str) -> None:
     import matplotlib.pyplot as plt
 
     data = json.load(open(json_path))
-    m = data["result"]["measurements"]
+    m = {k: summary(v["tok_s"]) for k, v in data["result"]["measurements"].items()}
     labels = list(m)
     med = [m[k]["ratio_median"] for k in labels]
     lo = [m[k]["ratio_median"] - m[k]["ratio_min"] for k in labels]

@@ -116,24 +116,33 @@ class VLLMDriver:
 
     def step_marks(self, requests: list[list[int]], max_tokens: int) -> list[tuple[float, int]]:
         """Run ``requests`` through the engine's own step loop (what ``LLM.generate`` drives),
-        new tokens only: per engine step, the time its output reached this process and how
-        many requests had a token before it and got one more."""
-        import time
-
+        new tokens only: per engine step, the engine core's time stamp of its output (taken when
+        the step's tokens were out, in the core's process: this process's loop drains outputs
+        the core queued while it was busy, so its own arrival times come in bursts) and how many
+        requests had a token before it and got one more."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=self.detokenize,
                             output_kind=RequestOutputKind.DELTA)
         engine = self.llm.llm_engine
+        core, stamps = engine.engine_core, []
+        get_output = core.get_output
+
+        def stamped():
+            out = get_output()
+            stamps.append(out.timestamp)
+            return out
+
         for r in requests:
             engine.add_request(f"steps-{next(self._step_ids)}", {"prompt_token_ids": r}, sp)
         started, marks = set(), []
-        while engine.has_unfinished_requests():
-            outs = [o for o in engine.step() if o.outputs and o.outputs[0].token_ids]
-            if outs:
-                marks.append((time.perf_counter(), sum(o.request_id in started for o in outs)))
-                started.update(o.request_id for o in outs)
+        with mock.patch.object(core, "get_output", stamped):  # this loop only
+            while engine.has_unfinished_requests():
+                outs = [o for o in engine.step() if o.outputs and o.outputs[0].token_ids]
+                if outs:
+                    marks.append((stamps[-1], sum(o.request_id in started for o in outs)))
+                    started.update(o.request_id for o in outs)
         return marks
 
     def stop(self) -> None:

@@ -99,8 +99,8 @@ def test_benchmark_table_reads_the_timed_engines_first(tmp_path):
 
     timed = {"convgpt": {"decode_b8": step(1.0)}, "twin": {"decode_b8": step(2.0)}}
     off = {"convgpt": {"decode_b8": step(3.0)}, "twin": {"decode_b8": step(2.0)}}
-    result = {"measurements": {"decode b8": {"median_tok_s": {"convgpt": 8000.0, "twin": 4000.0},
-                                             "ratio_median": 2.0, "ratio_min": 1.5, "ratio_max": 2.5}},
+    result = {"measurements": {"decode b8": {"tok_s": {"convgpt": [7000.0, 8000.0, 9000.0],
+                                                       "twin": [4000.0, 3000.0, 5000.0]}}},
               "engine_start_s": {"convgpt": 1.0, "twin": 1.0}, "host_traces": timed, "traces": off}
     text = e2e.table({"args": {"rounds": 5}, "result": result})
     blocks = text.split("per decode step: kernels from ")[1:]
@@ -126,3 +126,23 @@ def test_steady_decode_step_is_the_median_gap_between_full_decode_steps():
     assert abs(e2e.steady_step_s(marks[:4], 3) - 0.010) < 1e-12  # only 0.040 -> 0.050 counts
     with pytest.raises(RuntimeError, match="no two consecutive decode steps of all 3 requests"):
         e2e.steady_step_s(marks[:3], 3)
+
+
+def test_rounds_without_a_valid_throughput_are_left_out_of_the_ratio():
+    # a differenced decode whose one-token run took longer than the whole run has no throughput
+    # (NaN; round 11's SGLang run had printed a negative one as a ratio of -0.46): the median and
+    # min-max come from the other rounds, the table says how many were left out
+    import e2e
+
+    samples = {"convgpt": [100.0, float("nan"), 300.0, -50.0, 200.0], "twin": [100.0, 100.0, 200.0, 100.0, 50.0]}
+    r = e2e.summary(samples)
+    assert r["invalid_rounds"] == 2
+    assert (r["ratio_median"], r["ratio_min"], r["ratio_max"]) == (1.5, 1.0, 4.0)
+    assert r["median_tok_s"] == {"convgpt": 200.0, "twin": 100.0}
+    data = {"args": {"rounds": 5}, "result": {"measurements": {"decode b8": {"tok_s": samples}},
+                                              "engine_start_s": {"convgpt": 1.0, "twin": 1.0}}}
+    row = e2e.table(data).splitlines()[1]
+    assert row.split()[:6] == ["decode", "b8", "200", "100", "1.50", "1.00-4.00"]
+    assert "2 invalid round(s) left out" in row
+    with pytest.raises(RuntimeError, match="no round gave a valid throughput"):
+        e2e.summary({"convgpt": [float("nan")], "twin": [1.0]})
