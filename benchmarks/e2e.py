@@ -15,7 +15,8 @@ the median of the per-round ratios ConvGPT / twin with its min-max.
 * the same at batch 1;
 * vLLM only, "decode bB steady": B over the median gap between two of the engine's step
   outputs that both carry a further token of every request (its own step loop, which
-  ``LLM.generate`` drives), i.e. a decode step with no prefill chunk in it.  The difference
+  ``LLM.generate`` drives; each output's time stamped by the engine core when the step's tokens
+  were out), i.e. a decode step with no prefill chunk in it.  The difference
   above holds every step the scheduler ran between the two runs' prefills, which it may split
   differently from run to run; the steady rows do not.
 
