@@ -323,7 +323,7 @@ def table(data: dict) -> str:
     m = data["result"]["measurements"]
     lines = [f"{'measurement':<22}{'ConvGPT tok/s':>15}{'twin tok/s':>13}{'ratio median':>14}{'min-max':>15}"]
     for label, r in m.items():
-        r = summary(r["tok_s"])  # from the rounds (JSONs of before invalid rounds were left out too)
+        r = summary(r["tok_s"])  # from the rounds, also for JSONs written before invalid rounds were left out
         c, t = r["median_tok_s"]["convgpt"], r["median_tok_s"]["twin"]
         lines.append(f"{label:<22}{c:>15,.0f}{t:>13,.0f}{r['ratio_median']:>14.2f}"
                      f"{r['ratio_min']:>8.2f}-{r['ratio_max']:.2f}"
