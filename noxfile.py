@@ -267,6 +267,14 @@ def bench_norm_linear(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_norm_linear.py", *session.posargs)
 
 
+@nox.session(name="bench-specialize", default=False)
+def bench_specialize(session: nox.Session) -> None:
+    """The D-wide kernels with and without Triton's specialization on the row count (CUDA):
+    variants compiled, first-call time, kernel time per decode size."""
+    session.install("-e", ".", "triton")
+    session.run("python", "benchmarks/bench_specialize.py", *session.posargs)
+
+
 @nox.session(default=False)
 def roofline(session: nox.Session) -> None:
     """Recorded H100 runs against their bytes/FLOPs floors (no GPU needed)."""

@@ -10,7 +10,8 @@ machine.  This runs the sweep twice, each in a fresh process with an empty Trito
 and reports per kernel the variants compiled, the time of the first calls (compiles included)
 and each size's kernel time inside a CUDA graph (``triton.testing.do_bench_cudagraph``).
 
-Usage (CUDA): python benchmarks/bench_specialize.py [--out JSON]
+Usage (CUDA): nox -s bench-specialize -- [--out JSON]
+(or python benchmarks/bench_specialize.py with src/ importable)
 """
 
 from __future__ import annotations
