@@ -26,9 +26,8 @@ import sys
 import tempfile
 import time
 
-D = 144
-NORM_SITES = [("qkv", 4096, False), ("gate_up", 3072, True)]  # (name, N out, swiglu), as bench_norm_linear
-NARROW_SITES = [("o_proj", 2048), ("down", 3072)]  # (name, K in): D out
+from bench_norm_linear import NARROW_SITES, D  # the same kernel sites as the kernels' benchmark
+from bench_norm_linear import SITES as NORM_SITES
 
 
 def sizes(limit: int) -> list[int]:
@@ -55,16 +54,16 @@ def sweep(unspecialized: bool) -> dict:
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=dev, dtype=dt) * 0.1
 
-    calls = {}
+    calls = {}  # name: (row limit, width in, call)
     for name, n, swiglu in NORM_SITES:
         w, nw = randn(2 * n if swiglu else n, D), randn(D) + 1
-        calls[name] = (NORM_ROWS, lambda x, r, w=w, nw=nw, swiglu=swiglu: norm_linear_triton(x, r, nw, 1e-6, w, swiglu))
+        calls[name] = (NORM_ROWS, D,
+                       lambda x, r, w=w, nw=nw, swiglu=swiglu: norm_linear_triton(x, r, nw, 1e-6, w, swiglu))
     for name, k in NARROW_SITES:
         w = randn(D, k)
-        calls[name] = (NARROW_ROWS, lambda x, r, w=w: narrow_linear_triton(x, w))
+        calls[name] = (NARROW_ROWS, k, lambda x, r, w=w: narrow_linear_triton(x, w))
     out = {}
-    for name, (limit, call) in calls.items():
-        k_in = dict(NARROW_SITES).get(name, D)
+    for name, (limit, k_in, call) in calls.items():
         first, steady = {}, {}
         for m in sizes(limit):
             x, r = randn(m, k_in), randn(m, k_in)
