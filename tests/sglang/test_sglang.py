@@ -16,6 +16,7 @@ import torch
 import drivers
 import servers
 from convgpt.serve import cuda_available, sglang_command
+from convgpt_core.tiny import PRESETS
 from helpers import (
     LINE_NEXT,
     LINE_START,
@@ -155,3 +156,28 @@ def test_installed_wheel_works_as_a_user_would(tmp_path):
     from users import assert_wheel_works_as_a_user_would
 
     assert_wheel_works_as_a_user_would(tmp_path)
+
+
+@pytest.mark.parametrize("fields", [PRESETS["tiny-sliding"], PRESETS["tiny"],
+                                    dict(PRESETS["tiny"], layer_types=["full_attention"] * 2, sliding_window=16)],
+                         ids=["sliding", "full", "window-but-no-sliding-layer"])
+def test_sglang_takes_the_sliding_window_from_the_model(fields):
+    """SGLang's CUDA attention backends (flashinfer, triton, FA3) read one window per model from
+    ``get_attention_sliding_window_size`` and give every layer full attention without it: on the
+    H200 every sliding-window parity cell failed that way (round 13), while CPU's backends, which
+    read each layer's window, passed.  Here SGLang's own resolver asks our model class."""
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.model_runner_components.load_model_utils import resolve_sliding_window_size
+    from torch import nn
+
+    from convgpt.sglang.model import ConvGPTForCausalLM
+    from convgpt_core.config import ConvGPTConfig
+
+    model = ConvGPTForCausalLM.__new__(ConvGPTForCausalLM)  # the method reads the config only
+    nn.Module.__init__(model)
+    model.config = ConvGPTConfig(**fields)
+    not_swa = SimpleNamespace(is_hybrid_swa=False, sliding_window_size=None, attention_chunk_size=None)
+    # SGLang counts the window without the query token: keys with q_pos - k_pos < sliding_window
+    expected = fields["sliding_window"] - 1 if "sliding_attention" in fields.get("layer_types", ()) else None
+    assert resolve_sliding_window_size(model, not_swa) == expected

@@ -74,6 +74,12 @@ class ConvGPTMLP(nn.Module):
         return out
 
 
+def _sglang_window(window: int | None) -> int:
+    """A layer's attention window as SGLang counts it: without the query token itself; -1 for
+    full attention."""
+    return -1 if window is None else window - 1
+
+
 class ConvGPTAttention(nn.Module):
     def __init__(self, config: ConvGPTConfig, layer_id: int, quant_config, prefix: str) -> None:
         super().__init__()
@@ -95,11 +101,9 @@ class ConvGPTAttention(nn.Module):
             hd, rotary_dim=hd, max_position=config.max_position_embeddings,
             base=config.rope_theta_value, is_neox_style=True,
         )
-        window = config.sliding_window_of(layer_id)
         self.attn = RadixAttention(
             self.num_heads, hd, hd**-0.5, num_kv_heads=self.num_kv_heads, layer_id=layer_id,
-            # SGLang counts the window without the query token itself.
-            sliding_window_size=-1 if window is None else window - 1,
+            sliding_window_size=_sglang_window(config.sliding_window_of(layer_id)),
             quant_config=quant_config, prefix=_prefix(prefix, "attn"),
         )
 
@@ -280,6 +284,14 @@ class ConvGPTForCausalLM(nn.Module):
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
+
+    def get_attention_sliding_window_size(self) -> int | None:
+        """The sliding-attention layers' window (SGLang's count), None without such layers.
+        SGLang's CUDA attention backends (flashinfer, triton, FA3) take the window from here, once
+        per model, and build a windowed plan for the layers whose ``RadixAttention`` has one;
+        without it they run every layer with full attention (CPU's backends read each layer's own)."""
+        windows = [self.config.sliding_window_of(i) for i in range(self.config.num_hidden_layers)]
+        return next((_sglang_window(w) for w in windows if w is not None), None)  # one per config
 
     # LoRA (SGLang's LoRA manager asks the model): adapters target the decoder layers' linears,
     # which work at width D, not at the config's hidden_size (H); scale_up is not adaptable.
