@@ -158,10 +158,18 @@ def test_installed_wheel_works_as_a_user_would(tmp_path):
     assert_wheel_works_as_a_user_would(tmp_path)
 
 
-@pytest.mark.parametrize("fields", [PRESETS["tiny-sliding"], PRESETS["tiny"],
-                                    dict(PRESETS["tiny"], layer_types=["full_attention"] * 2, sliding_window=16)],
-                         ids=["sliding", "full", "window-but-no-sliding-layer"])
-def test_sglang_takes_the_sliding_window_from_the_model(fields):
+WINDOW_CASES = {"sliding": PRESETS["tiny-sliding"], "full": PRESETS["tiny"],
+                "window-but-no-sliding-layer": dict(PRESETS["tiny"], layer_types=["full_attention"] * 2,
+                                                    sliding_window=16)}
+
+
+def _expected_window(fields: dict) -> int | None:
+    """SGLang counts the window without the query token: keys with q_pos - k_pos < sliding_window."""
+    return fields["sliding_window"] - 1 if "sliding_attention" in fields.get("layer_types", ()) else None
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_sglang_takes_the_sliding_window_from_the_model(case):
     """SGLang's CUDA attention backends (flashinfer, triton, FA3) read one window per model from
     ``get_attention_sliding_window_size`` and give every layer full attention without it: on the
     H200 every sliding-window parity cell failed that way (round 13), while CPU's backends, which
@@ -176,8 +184,28 @@ def test_sglang_takes_the_sliding_window_from_the_model(fields):
 
     model = ConvGPTForCausalLM.__new__(ConvGPTForCausalLM)  # the method reads the config only
     nn.Module.__init__(model)
-    model.config = ConvGPTConfig(**fields)
+    model.config = ConvGPTConfig(**WINDOW_CASES[case])
     not_swa = SimpleNamespace(is_hybrid_swa=False, sliding_window_size=None, attention_chunk_size=None)
-    # SGLang counts the window without the query token: keys with q_pos - k_pos < sliding_window
-    expected = fields["sliding_window"] - 1 if "sliding_attention" in fields.get("layer_types", ()) else None
-    assert resolve_sliding_window_size(model, not_swa) == expected
+    assert resolve_sliding_window_size(model, not_swa) == _expected_window(WINDOW_CASES[case])
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_sliding_layers_get_sglangs_paged_prefill(case, monkeypatch, caplog):
+    """SGLang's flashinfer backend plans its ragged prefill kernel without the window (the paged
+    one with it), so building a model with sliding layers asks for paged-only prefill, as SGLang's
+    own setting reads it; a model without them leaves the setting alone, and so does a user's own
+    value, with a warning."""
+    from sglang.srt.environ import envs
+
+    from convgpt.sglang.model import PAGED_PREFILL, prefill_windowed_layers_paged
+    from convgpt_core.config import ConvGPTConfig
+
+    config = ConvGPTConfig(**WINDOW_CASES[case])
+    sliding = _expected_window(WINDOW_CASES[case]) is not None
+    monkeypatch.delenv(PAGED_PREFILL, raising=False)
+    prefill_windowed_layers_paged(config)
+    assert envs.SGLANG_FLASHINFER_USE_PAGED.get() is sliding
+    monkeypatch.setenv(PAGED_PREFILL, "0")
+    prefill_windowed_layers_paged(config)
+    assert envs.SGLANG_FLASHINFER_USE_PAGED.get() is False
+    assert (PAGED_PREFILL in caplog.text) is sliding

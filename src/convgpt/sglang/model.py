@@ -14,6 +14,8 @@ compressor.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterable
 
 import torch
@@ -74,10 +76,35 @@ class ConvGPTMLP(nn.Module):
         return out
 
 
+logger = logging.getLogger(__name__)
+PAGED_PREFILL = "SGLANG_FLASHINFER_USE_PAGED"  # read by both versions' flashinfer backend at its start
+
+
 def _sglang_window(window: int | None) -> int:
     """A layer's attention window as SGLang counts it: without the query token itself; -1 for
     full attention."""
     return -1 if window is None else window - 1
+
+
+def model_window(config: ConvGPTConfig) -> int | None:
+    """The sliding-attention layers' window in SGLang's count, None without such layers (the
+    config has one window for all of them)."""
+    windows = [config.sliding_window_of(i) for i in range(config.num_hidden_layers)]
+    return next((_sglang_window(w) for w in windows if w is not None), None)
+
+
+def prefill_windowed_layers_paged(config: ConvGPTConfig) -> None:
+    """With sliding-window layers, ask SGLang's flashinfer backend (the CUDA default without FA3)
+    for paged-only prefill.  In 0.5.16 and 0.5.23 it plans its ragged prefill kernel (the default
+    for new tokens) without a window, so a prompt chunk longer than the window attends past it on
+    the sliding layers; the paged kernel is planned with the window.  The variable is read when the
+    backend starts, after the model is built; a value the user set is kept."""
+    if model_window(config) is None:
+        return
+    if os.environ.setdefault(PAGED_PREFILL, "1").strip().lower() not in ("1", "true"):
+        logger.warning("%s=%s: SGLang's flashinfer prefill ignores the sliding window of %d tokens on "
+                       "ConvGPT's sliding layers; leave it unset (or 1) for exact prefill",
+                       PAGED_PREFILL, os.environ[PAGED_PREFILL], config.sliding_window)
 
 
 class ConvGPTAttention(nn.Module):
@@ -267,6 +294,7 @@ class ConvGPTForCausalLM(nn.Module):
                 f"{padded} -> {config.num_key_value_heads}); ConvGPT does not load padded heads. On CPU "
                 f"use a --tp-size that divides num_key_value_heads ({padded})"
             )
+        prefill_windowed_layers_paged(config)
         self.config = config
         self.quant_config = quant_config
         self.pp_group = get_pp_group()
@@ -290,8 +318,7 @@ class ConvGPTForCausalLM(nn.Module):
         SGLang's CUDA attention backends (flashinfer, triton, FA3) take the window from here, once
         per model, and build a windowed plan for the layers whose ``RadixAttention`` has one;
         without it they run every layer with full attention (CPU's backends read each layer's own)."""
-        windows = [self.config.sliding_window_of(i) for i in range(self.config.num_hidden_layers)]
-        return next((_sglang_window(w) for w in windows if w is not None), None)  # one per config
+        return model_window(self.config)
 
     # LoRA (SGLang's LoRA manager asks the model): adapters target the decoder layers' linears,
     # which work at width D, not at the config's hidden_size (H); scale_up is not adaptable.
