@@ -224,12 +224,17 @@ def profiled(b: Bench, folder: str, prompts: list[list[int]], tokens: int) -> st
 
 
 def decode_trace(b: Bench, folder: str, batch: int, length: int, steps: int = 16) -> dict:
-    """One decode step of ``batch`` requests: traces of the same requests generating
-    ``steps`` + 1 tokens and 1 token, differenced (``steptrace.decode_per_step``)."""
+    """One decode step of ``batch`` requests from a trace of them generating ``steps`` + 1
+    tokens: its decode-only steps where the engine marks its steps (vLLM,
+    ``steptrace.annotated_decode_steps``), else the difference from a second trace of the same
+    requests generating 1 token (``steptrace.decode_per_step``)."""
     import steptrace as tr
 
     prompts = b.prompts(batch, length)
     long = profiled(b, folder, prompts, steps + 1)
+    stats = tr.annotated_decode_steps(long, batch)
+    if stats is not None:
+        return dict(stats, trace=[os.path.basename(long)])
     short = profiled(b, folder, prompts, 1)
     stats = tr.decode_per_step(tr.window(long), tr.window(short), steps)
     return dict(stats, trace=[os.path.basename(long), os.path.basename(short)])
@@ -361,8 +366,10 @@ def table(data: dict) -> str:
                     continue
                 calls = "; ".join(f"{n} x{c:g} {us:.0f}" for n, c, us in s["runtime_per_step"][:6])
                 ops = "; ".join(f"{n} {us:.0f}" for n, _, us in s["cpu_ops_per_step"][:8])
-                lines.append(f"{name + ' ' + label:<24}{s['kernels']:.0f} kernels, GPU-busy {s['busy_ms'] * 1e3:.0f} us; "
-                             f"runtime: {calls}")
+                how = (f"{s['steps']} marked steps of {s['step_ms'] * 1e3:.0f} us (median)" if "step_ms" in s
+                       else f"{s['steps']} steps as the difference of two runs")
+                lines.append(f"{name + ' ' + label:<24}{s['kernels']:.0f} kernels, GPU-busy {s['busy_ms'] * 1e3:.0f} us, "
+                             f"{how}; runtime: {calls}")
                 lines.append(f"{'':<24}CPU ops: {ops}")
     return "\n".join(lines)
 

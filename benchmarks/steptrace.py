@@ -1,10 +1,12 @@
 """Read torch-profiler chrome traces of an engine (vLLM's or SGLang's profiler) into step
 statistics: where one model step's time goes.
 
-Decode steps, any engine (:func:`decode_per_step`): two traces of the same requests, one
-generating N tokens and one generating 1 (the prefill alone); their difference divided by
-N - 1 is one decode step: GPU-busy time (kernel durations), kernel count, attention share,
-GPU time per op class and per kernel, and on the host side the CUDA runtime calls
+Decode steps on vLLM (:func:`annotated_decode_steps`): one trace, cut at the worker's step
+marks; the decode-only steps' host time and the kernels it launched.  Any engine
+(:func:`decode_per_step`): two traces of the same requests, one generating N tokens and one
+generating 1 (the prefill alone); their difference divided by N - 1 is one decode step (exact
+only when both runs schedule their prefill alike).  Either way: GPU-busy time (kernel
+durations), kernel count, attention share, GPU time per op class and per kernel, and on the host side the CUDA runtime calls
 (``cudaLaunchKernel``, ``cudaGraphLaunch``, copies, synchronisations) and CPU ops per step.
 Kernel statistics come from engines with graphs off (every kernel launched on its own; some
 profiler/driver combinations miss the kernels inside graph replays); traces of engines with
@@ -12,7 +14,8 @@ graphs on say what the host does per step (graph launches, kernels launched outs
 graph, the step's CPU work).
 Per prefill (:func:`op_classes`): GPU time by op class.
 
-Usage: python benchmarks/steptrace.py --diff TRACE_N.json TRACE_1.json N   (decode, per step)
+Usage: python benchmarks/steptrace.py --steps TRACE.json BATCH              (vLLM decode, per step)
+       python benchmarks/steptrace.py --diff TRACE_N.json TRACE_1.json N   (decode, per step)
        python benchmarks/steptrace.py TRACE.json[.gz] --prefill             (a prefill, by op class)
 """
 
@@ -105,6 +108,85 @@ def window(path: str) -> dict:
     return out
 
 
+# vLLM's worker names each step's execute_model range by what it holds:
+# execute_context_<requests>(<tokens>)_generation_<requests>(<tokens>), the token counts written as
+# "(sq<n>sk...)" with its detailed annotations.
+STEP_NAME = re.compile(r"^execute_context_(\d+)\((?:sq)?(\d+)\D.*_generation_(\d+)\((?:sq)?(\d+)\D")
+
+
+def _step_sizes(name: str) -> tuple[int, int, int, int] | None:
+    m = STEP_NAME.match(name + "|")  # "|": the simple form ends at its last ")"
+    return tuple(int(g) for g in m.groups()) if m else None
+
+
+def annotated_decode_steps(path: str, batch: int, top: int = 25) -> dict | None:
+    """One decode step of ``batch`` requests from a single trace, cut where vLLM's worker marks
+    its steps (None when the trace has fewer than two such steps in a row, e.g. SGLang's).
+
+    A step is the host time from the start of one decode-only step's mark (no prompt tokens,
+    ``batch`` requests generating one token each) to the start of the next step's mark: its
+    ``execute_model``, its sampling and whatever the worker does before the next step.  Its GPU
+    work is the kernels launched in that time (the profiler gives a kernel the correlation id of
+    the CUDA call that launched it, a graph replay's kernels that of ``cudaGraphLaunch``), where
+    they ran.  Prefill steps and steps mixing prefill with decode are left out, which the
+    difference of two runs (:func:`decode_per_step`) cannot do when the longer run's decode
+    steps join its later prefill chunks.  Averages over the steps; ``step_ms`` is their median
+    length on the host."""
+    events = [e for e in load(path) if e.get("ph") == "X"]
+    marks = sorted((float(e["ts"]), _step_sizes(e.get("name", ""))) for e in events
+                   if e.get("cat") == "user_annotation" and e.get("name", "").startswith("execute_context_"))
+    decode = (0, 0, batch, batch)
+    spans = [(t0, t1) for (t0, sizes), (t1, _) in zip(marks, marks[1:]) if sizes == decode]
+    if len(spans) < 2:
+        return None
+
+    def span_of(ts: float) -> int | None:
+        return next((i for i, (t0, t1) in enumerate(spans) if t0 <= ts < t1), None)
+
+    launched = {e.get("args", {}).get("correlation"): span_of(float(e["ts"])) for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver")}
+    launched.pop(None, None)
+    n = len(spans)
+    busy = attention = 0.0
+    count = 0
+    by_class: dict[str, float] = {}
+    by_kernel: dict[str, float] = {}
+    host: dict[str, dict[str, list]] = {"runtime": {}, "cpu": {}}
+    for e in events:
+        cat, name, dur = e.get("cat"), e.get("name", ""), float(e.get("dur", 0.0))
+        if cat == "kernel":
+            if launched.get(e.get("args", {}).get("correlation")) is None:
+                continue
+            busy += dur
+            count += 1
+            attention += dur if ATTENTION.search(name) else 0.0
+            by_class[op_class(name)] = by_class.get(op_class(name), 0.0) + dur
+            by_kernel[name[:120]] = by_kernel.get(name[:120], 0.0) + dur
+        elif cat in HOST_CATEGORIES and span_of(float(e["ts"])) is not None:
+            key = re.sub(r"\d+", "#", name) if cat == "user_annotation" else name
+            slot = host[HOST_CATEGORIES[cat]].setdefault(key[:120], [0, 0.0])
+            slot[0] += 1
+            slot[1] += dur
+
+    def ranked(rows: dict[str, list]) -> list:
+        best = sorted(rows.items(), key=lambda kv: -kv[1][1])[:top]
+        return [[k, round(c / n, 2), round(us / n, 1)] for k, (c, us) in best]
+
+    lengths = sorted(t1 - t0 for t0, t1 in spans)
+    return {
+        "steps": n,
+        "method": "annotated steps",
+        "busy_ms": busy / n / 1e3,
+        "kernels": count / n,
+        "attention_share": attention / busy if busy > 0 else 0.0,
+        "step_ms": lengths[n // 2] / 1e3 if n % 2 else (lengths[n // 2 - 1] + lengths[n // 2]) / 2e3,
+        "us_by_class": {k: v / n for k, v in by_class.items()},
+        "top_kernels_us": [[k, round(v / n, 2)] for k, v in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]],
+        "runtime_per_step": ranked(host["runtime"]),  # [name, calls, us]
+        "cpu_ops_per_step": ranked(host["cpu"]),
+    }
+
+
 def decode_per_step(long: dict, short: dict, steps: int, top: int = 25) -> dict:
     """One decode step: (``long`` - ``short``) / ``steps``, where ``long`` and ``short`` are
     :func:`window` totals of the same requests generating ``steps`` + 1 tokens and 1 token."""
@@ -122,6 +204,7 @@ def decode_per_step(long: dict, short: dict, steps: int, top: int = 25) -> dict:
 
     return {
         "steps": steps,
+        "method": "difference of two runs",
         "busy_ms": busy / 1e3,
         "kernels": (long["kernels"] - short["kernels"]) / steps,
         "attention_share": (long["attention_us"] - short["attention_us"]) / steps / busy if busy > 0 else 0.0,
@@ -170,7 +253,9 @@ def op_classes(ks: list[tuple[float, float, str]]) -> dict:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--diff" and len(sys.argv) == 5:
+    if sys.argv[1] == "--steps" and len(sys.argv) == 4:
+        print(json.dumps(annotated_decode_steps(sys.argv[2], int(sys.argv[3])), indent=2))
+    elif sys.argv[1] == "--diff" and len(sys.argv) == 5:
         print(json.dumps(decode_per_step(window(sys.argv[2]), window(sys.argv[3]), int(sys.argv[4]) - 1), indent=2))
     elif len(sys.argv) == 3 and sys.argv[2] == "--prefill":
         print(json.dumps(op_classes(kernels(sys.argv[1])), indent=2))

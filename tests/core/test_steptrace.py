@@ -1,5 +1,6 @@
 """The decode-step reader behind the benchmarks' per-step numbers (benchmarks/steptrace.py):
-a step is what a run of N + 1 tokens has beyond a run of 1 token, divided by N."""
+on vLLM a step is cut from one trace at the worker's step marks; elsewhere it is what a run of
+N + 1 tokens has beyond a run of 1 token, divided by N."""
 
 import gzip
 import json
@@ -146,3 +147,64 @@ def test_rounds_without_a_valid_throughput_are_left_out_of_the_ratio():
     assert "2 invalid round(s) left out" in row
     with pytest.raises(RuntimeError, match="no round gave a valid throughput"):
         e2e.summary({"convgpt": [float("nan")], "twin": [1.0]})
+
+
+def _marked_trace(path: Path, batch: int, decode_steps: int, period: float) -> str:
+    """vLLM's view of a run: a prefill step, a step mixing prefill with decode, ``decode_steps``
+    decode-only steps of ``batch`` requests ``period`` us apart on the host (each one graph replay
+    and a sampling kernel launched after the step's mark ends; the GPU runs behind the host, so a
+    step's kernels run in the next step's host time), then a step with one request fewer."""
+    events, corr = [], iter(range(1, 10_000))
+
+    def step(t: float, name: str, kernels: list[tuple[str, float]], gpu_lag: float) -> None:
+        events.append({"ph": "X", "cat": "user_annotation", "name": name, "ts": t, "dur": period / 2})
+        c, s = next(corr), next(corr)
+        events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": t + 5, "dur": 20.0,
+                       "args": {"correlation": c}})
+        events.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": t + period * 0.75,
+                       "dur": 4.0, "args": {"correlation": s}})
+        g = t + gpu_lag
+        for k, dur in kernels:
+            events.append({"ph": "X", "cat": "kernel", "name": k, "ts": g, "dur": dur, "args": {"correlation": c}})
+            g += dur + 0.5
+        events.append({"ph": "X", "cat": "kernel", "name": "_argmax_sample_kernel", "ts": g, "dur": 1.0,
+                       "args": {"correlation": s}})
+
+    t = 0.0
+    step(t, f"execute_context_{batch}({batch * 128})_generation_0(0)", PREFILL, 10.0)
+    t += 500.0
+    step(t, f"execute_context_1(100)_generation_{batch - 1}({batch - 1})", PREFILL, 10.0)
+    t += 500.0
+    for _ in range(decode_steps):
+        step(t, f"execute_context_0(0)_generation_{batch}({batch})", STEP, 1.3 * period)
+        t += period
+    step(t, f"execute_context_0(0)_generation_{batch - 1}({batch - 1})", STEP, 1.3 * period)
+    path.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    return str(path)
+
+
+def test_marked_decode_steps_leave_prefill_and_mixed_steps_out(tmp_path):
+    """With vLLM's step marks a decode step is cut from one trace: the kernels its host time
+    launched (by correlation id, wherever the GPU ran them), not the prefill or mixed steps a
+    difference of two runs can pick up."""
+    step = steptrace.annotated_decode_steps(_marked_trace(tmp_path / "t.json.gz", 8, 12, 300.0), batch=8)
+    kernels = STEP + [("_argmax_sample_kernel", 1.0)]  # the sampling kernel: launched after the mark ends
+    busy = sum(d for _, d in kernels)
+    assert step["steps"] == 12
+    assert step["kernels"] == len(kernels)
+    assert abs(step["busy_ms"] - busy / 1e3) < 1e-12
+    assert abs(step["attention_share"] - 6.0 / busy) < 1e-12
+    assert dict(step["top_kernels_us"]) == dict(kernels)
+    assert abs(step["step_ms"] - 0.3) < 1e-12
+    assert ["cudaGraphLaunch", 1.0, 20.0] in step["runtime_per_step"]
+    assert ["cudaLaunchKernel", 1.0, 4.0] in step["runtime_per_step"]
+    # another batch size has no decode-only steps in this trace
+    assert steptrace.annotated_decode_steps(_marked_trace(tmp_path / "u.json.gz", 8, 12, 300.0), batch=4) is None
+
+
+def test_unmarked_traces_have_no_marked_steps(tmp_path):
+    """Without vLLM's marks (SGLang's profiler) the caller falls back to the difference of two
+    runs; the detailed form of vLLM's mark is read like the simple one."""
+    assert steptrace.annotated_decode_steps(_trace(tmp_path / "t.json.gz", 17), batch=1) is None
+    assert steptrace._step_sizes("execute_context_0(sq0sk0sqsq0sqsk0)_generation_4(sq4sk520sqsq4sqsk520)") == (0, 0, 4, 4)
+    assert steptrace._step_sizes("execute_context_2(256)_generation_6(6)") == (2, 256, 6, 6)
