@@ -6,8 +6,9 @@ marks; the decode-only steps' host time and the kernels it launched.  Any engine
 (:func:`decode_per_step`): two traces of the same requests, one generating N tokens and one
 generating 1 (the prefill alone); their difference divided by N - 1 is one decode step (exact
 only when both runs schedule their prefill alike).  Either way: GPU-busy time (kernel
-durations), kernel count, attention share, GPU time per op class and per kernel, and on the host side the CUDA runtime calls
-(``cudaLaunchKernel``, ``cudaGraphLaunch``, copies, synchronisations) and CPU ops per step.
+durations), kernel count, attention share, GPU time per op class and per kernel, and on the
+host side the CUDA runtime calls (``cudaLaunchKernel``, ``cudaGraphLaunch``, copies,
+synchronisations) and CPU ops per step.
 Kernel statistics come from engines with graphs off (every kernel launched on its own; some
 profiler/driver combinations miss the kernels inside graph replays); traces of engines with
 graphs on say what the host does per step (graph launches, kernels launched outside the

@@ -48,6 +48,9 @@ from convgpt_core.lora import fused_linear_dims
 from convgpt_core.narrow_linear import to_stream
 from convgpt_core.norm_linear import fused_decoder_layer, norm_linear_available
 
+logger = logging.getLogger(__name__)
+PAGED_PREFILL = "SGLANG_FLASHINFER_USE_PAGED"  # read by both versions' flashinfer backend at its start
+
 
 def _prefix(prefix: str, name: str) -> str:
     return add_prefix(name, prefix)  # SGLang's helper takes (name, prefix)
@@ -74,10 +77,6 @@ class ConvGPTMLP(nn.Module):
         gate_up, _ = self.gate_up_proj(x)
         out, _ = self.down_proj(self.act_fn(gate_up))
         return out
-
-
-logger = logging.getLogger(__name__)
-PAGED_PREFILL = "SGLANG_FLASHINFER_USE_PAGED"  # read by both versions' flashinfer backend at its start
 
 
 def _sglang_window(window: int | None) -> int:
@@ -317,7 +316,7 @@ class ConvGPTForCausalLM(nn.Module):
         """The sliding-attention layers' window (SGLang's count), None without such layers.
         SGLang's CUDA attention backends (flashinfer, triton, FA3) take the window from here, once
         per model, and build a windowed plan for the layers whose ``RadixAttention`` has one;
-        without it they run every layer with full attention (CPU's backends read each layer's own)."""
+        without it they plan no window for any layer (CPU's backends read each layer's own)."""
         return model_window(self.config)
 
     # LoRA (SGLang's LoRA manager asks the model): adapters target the decoder layers' linears,
