@@ -110,9 +110,9 @@ def window(path: str) -> dict:
 
 
 # vLLM's worker names each step's execute_model range by what it holds:
-# execute_context_<requests>(<tokens>)_generation_<requests>(<tokens>), the token counts written as
-# "(sq<n>sk...)" with its detailed annotations.
-STEP_NAME = re.compile(r"^execute_context_(\d+)\((?:sq)?(\d+)\D.*_generation_(\d+)\((?:sq)?(\d+)\D")
+# execute_context_<requests>(<tokens>)_generation_<requests>(<tokens>), or with its detailed
+# annotations execute_<all tokens>_context_<requests>(sq<tokens>sk...)_generation_<requests>(sq<tokens>sk...).
+STEP_NAME = re.compile(r"^execute_(?:\d+_)?context_(\d+)\((?:sq)?(\d+)\D.*_generation_(\d+)\((?:sq)?(\d+)\D")
 
 
 def _step_sizes(name: str) -> tuple[int, int, int, int] | None:
@@ -122,7 +122,8 @@ def _step_sizes(name: str) -> tuple[int, int, int, int] | None:
 
 def annotated_decode_steps(path: str, batch: int, top: int = 25) -> dict | None:
     """One decode step of ``batch`` requests from a single trace, cut where vLLM's worker marks
-    its steps (None when the trace has fewer than two such steps in a row, e.g. SGLang's).
+    its steps (None when the trace has fewer than two such steps, e.g. SGLang's, or kernels
+    without a correlation id).
 
     A step is the host time from the start of one decode-only step's mark (no prompt tokens,
     ``batch`` requests generating one token each) to the start of the next step's mark: its
@@ -134,12 +135,15 @@ def annotated_decode_steps(path: str, batch: int, top: int = 25) -> dict | None:
     steps join its later prefill chunks.  Averages over the steps; ``step_ms`` is their median
     length on the host."""
     events = [e for e in load(path) if e.get("ph") == "X"]
-    marks = sorted((float(e["ts"]), _step_sizes(e.get("name", ""))) for e in events
-                   if e.get("cat") == "user_annotation" and e.get("name", "").startswith("execute_context_"))
+    marks = sorted((float(e["ts"]), sizes) for e in events
+                   if e.get("cat") == "user_annotation" and (sizes := _step_sizes(e.get("name", ""))))
     decode = (0, 0, batch, batch)
     spans = [(t0, t1) for (t0, sizes), (t1, _) in zip(marks, marks[1:]) if sizes == decode]
     if len(spans) < 2:
         return None
+
+    if sum(1 for e in events if e.get("cat") == "kernel" and "correlation" not in e.get("args", {})):
+        return None  # kernels this reader cannot tie to their launches
 
     def span_of(ts: float) -> int | None:
         return next((i for i, (t0, t1) in enumerate(spans) if t0 <= ts < t1), None)

@@ -202,9 +202,29 @@ def test_marked_decode_steps_leave_prefill_and_mixed_steps_out(tmp_path):
     assert steptrace.annotated_decode_steps(_marked_trace(tmp_path / "u.json.gz", 8, 12, 300.0), batch=4) is None
 
 
-def test_unmarked_traces_have_no_marked_steps(tmp_path):
-    """Without vLLM's marks (SGLang's profiler) the caller falls back to the difference of two
-    runs; the detailed form of vLLM's mark is read like the simple one."""
-    assert steptrace.annotated_decode_steps(_trace(tmp_path / "t.json.gz", 17), batch=1) is None
-    assert steptrace._step_sizes("execute_context_0(sq0sk0sqsq0sqsk0)_generation_4(sq4sk520sqsq4sqsk520)") == (0, 0, 4, 4)
+def _rewrite(path: str, keep) -> str:
+    events = json.loads(gzip.decompress(Path(path).read_bytes()))["traceEvents"]
+    Path(path).write_bytes(gzip.compress(json.dumps({"traceEvents": [e for e in map(keep, events) if e]}).encode()))
+    return path
+
+
+def test_traces_without_marks_or_correlation_ids_fall_back(tmp_path):
+    """Without vLLM's step marks (SGLang's profiler), or with kernels that carry no correlation id
+    to tie them to their launches, the reader says so (None) and the caller falls back to the
+    difference of two runs."""
+    unmarked = _rewrite(_marked_trace(tmp_path / "t.json.gz", 8, 12, 300.0),
+                        lambda e: None if e["cat"] == "user_annotation" else e)
+    assert steptrace.annotated_decode_steps(unmarked, batch=8) is None
+    uncorrelated = _rewrite(_marked_trace(tmp_path / "u.json.gz", 8, 12, 300.0),
+                            lambda e: {k: v for k, v in e.items() if k != "args"} if e["cat"] == "kernel" else e)
+    assert steptrace.annotated_decode_steps(uncorrelated, batch=8) is None
+
+
+def test_both_forms_of_vllms_step_mark_are_read():
+    """vLLM writes a step's sizes in two forms (``annotate_profile`` in its gpu_worker.py): the
+    plain one, and with profiler_config.detailed_trace_annotation the scheduled tokens first and
+    per-phase sums (here built as vLLM 0.32's source builds it)."""
     assert steptrace._step_sizes("execute_context_2(256)_generation_6(6)") == (2, 256, 6, 6)
+    detailed = "execute_4_context_0(sq0sk0sqsq0sqsk0)_generation_4(sq4sk520sqsq4sqsk520)"
+    assert steptrace._step_sizes(detailed) == (0, 0, 4, 4)
+    assert steptrace._step_sizes("execute_model") is None

@@ -202,10 +202,15 @@ def test_sliding_layers_get_sglangs_paged_prefill(case, monkeypatch, caplog):
 
     config = ConvGPTConfig(**WINDOW_CASES[case])
     sliding = _expected_window(WINDOW_CASES[case]) is not None
-    monkeypatch.delenv(PAGED_PREFILL, raising=False)
+    monkeypatch.setenv(PAGED_PREFILL, "")  # recorded first, so the test leaves the environment as it found it
+    monkeypatch.delenv(PAGED_PREFILL)
     prefill_windowed_layers_paged(config)
     assert envs.SGLANG_FLASHINFER_USE_PAGED.get() is sliding
-    monkeypatch.setenv(PAGED_PREFILL, "0")
+    monkeypatch.setenv(PAGED_PREFILL, "no")
     prefill_windowed_layers_paged(config)
     assert envs.SGLANG_FLASHINFER_USE_PAGED.get() is False
     assert (PAGED_PREFILL in caplog.text) is sliding
+    caplog.clear()
+    monkeypatch.setenv(PAGED_PREFILL, "yes")  # SGLang's word for on: no warning
+    prefill_windowed_layers_paged(config)
+    assert PAGED_PREFILL not in caplog.text

@@ -98,9 +98,12 @@ def prefill_windowed_layers_paged(config: ConvGPTConfig) -> None:
     for new tokens) without a window, so a prompt chunk longer than the window attends past it on
     the sliding layers; the paged kernel is planned with the window.  The variable is read when the
     backend starts, after the model is built; a value the user set is kept."""
+    from sglang.srt.environ import envs  # the backend's own reading of the setting
+
     if model_window(config) is None:
         return
-    if os.environ.setdefault(PAGED_PREFILL, "1").strip().lower() not in ("1", "true"):
+    os.environ.setdefault(PAGED_PREFILL, "1")
+    if not envs.SGLANG_FLASHINFER_USE_PAGED.get():
         logger.warning("%s=%s: SGLang's flashinfer prefill ignores the sliding window of %d tokens on "
                        "ConvGPT's sliding layers; leave it unset (or 1) for exact prefill",
                        PAGED_PREFILL, os.environ[PAGED_PREFILL], config.sliding_window)
