@@ -26,6 +26,7 @@ import gzip
 import json
 import os
 import re
+import statistics
 import sys
 import time
 
@@ -89,9 +90,14 @@ HOST_CATEGORIES = {"cuda_runtime": "runtime", "cuda_driver": "runtime", "cpu_op"
 def window(path: str) -> dict:
     """Totals of one profiled window: GPU kernels (time, count, by class, by name) and host
     events (CUDA runtime/driver calls and CPU ops by name: [count, us])."""
+    return _totals(load(path))
+
+
+def _totals(events, keep=lambda e: True) -> dict:
+    """:func:`window`'s totals over the complete events for which ``keep`` is true."""
     out = {"busy_us": 0.0, "kernels": 0, "attention_us": 0.0, "by_class": {}, "by_kernel": {}, "runtime": {}, "cpu": {}}
-    for e in load(path):
-        if e.get("ph") != "X":
+    for e in events:
+        if e.get("ph") != "X" or not keep(e):
             continue
         cat, name, dur = e.get("cat"), e.get("name", ""), float(e.get("dur", 0.0))
         if cat == "kernel":
@@ -142,7 +148,7 @@ def annotated_decode_steps(path: str, batch: int, top: int = 25) -> dict | None:
     if len(spans) < 2:
         return None
 
-    if sum(1 for e in events if e.get("cat") == "kernel" and "correlation" not in e.get("args", {})):
+    if any(e.get("cat") == "kernel" and "correlation" not in e.get("args", {}) for e in events):
         return None  # kernels this reader cannot tie to their launches
 
     def span_of(ts: float) -> int | None:
@@ -151,45 +157,15 @@ def annotated_decode_steps(path: str, batch: int, top: int = 25) -> dict | None:
     launched = {e.get("args", {}).get("correlation"): span_of(float(e["ts"])) for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver")}
     launched.pop(None, None)
-    n = len(spans)
-    busy = attention = 0.0
-    count = 0
-    by_class: dict[str, float] = {}
-    by_kernel: dict[str, float] = {}
-    host: dict[str, dict[str, list]] = {"runtime": {}, "cpu": {}}
-    for e in events:
-        cat, name, dur = e.get("cat"), e.get("name", ""), float(e.get("dur", 0.0))
-        if cat == "kernel":
-            if launched.get(e.get("args", {}).get("correlation")) is None:
-                continue
-            busy += dur
-            count += 1
-            attention += dur if ATTENTION.search(name) else 0.0
-            by_class[op_class(name)] = by_class.get(op_class(name), 0.0) + dur
-            by_kernel[name[:120]] = by_kernel.get(name[:120], 0.0) + dur
-        elif cat in HOST_CATEGORIES and span_of(float(e["ts"])) is not None:
-            key = re.sub(r"\d+", "#", name) if cat == "user_annotation" else name
-            slot = host[HOST_CATEGORIES[cat]].setdefault(key[:120], [0, 0.0])
-            slot[0] += 1
-            slot[1] += dur
 
-    def ranked(rows: dict[str, list]) -> list:
-        best = sorted(rows.items(), key=lambda kv: -kv[1][1])[:top]
-        return [[k, round(c / n, 2), round(us / n, 1)] for k, (c, us) in best]
+    def in_steps(e: dict) -> bool:  # a kernel by its launch, a host event by its own time
+        if e.get("cat") == "kernel":
+            return launched.get(e.get("args", {}).get("correlation")) is not None
+        return span_of(float(e["ts"])) is not None
 
-    lengths = sorted(t1 - t0 for t0, t1 in spans)
-    return {
-        "steps": n,
-        "method": "annotated steps",
-        "busy_ms": busy / n / 1e3,
-        "kernels": count / n,
-        "attention_share": attention / busy if busy > 0 else 0.0,
-        "step_ms": lengths[n // 2] / 1e3 if n % 2 else (lengths[n // 2 - 1] + lengths[n // 2]) / 2e3,
-        "us_by_class": {k: v / n for k, v in by_class.items()},
-        "top_kernels_us": [[k, round(v / n, 2)] for k, v in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]],
-        "runtime_per_step": ranked(host["runtime"]),  # [name, calls, us]
-        "cpu_ops_per_step": ranked(host["cpu"]),
-    }
+    # the steps' totals over their number: the difference from nothing
+    step = decode_per_step(_totals(events, in_steps), _totals([]), len(spans), top)
+    return dict(step, method="annotated steps", step_ms=statistics.median(t1 - t0 for t0, t1 in spans) / 1e3)
 
 
 def decode_per_step(long: dict, short: dict, steps: int, top: int = 25) -> dict:
