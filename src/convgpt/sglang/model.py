@@ -20,6 +20,7 @@ from collections.abc import Iterable
 
 import torch
 from sglang.srt.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_world_size
+from sglang.srt.environ import envs
 from sglang.srt.layers.activation import SiluAndMul
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.linear import (
@@ -98,12 +99,10 @@ def prefill_windowed_layers_paged(config: ConvGPTConfig) -> None:
     for new tokens) without a window, so a prompt chunk longer than the window attends past it on
     the sliding layers; the paged kernel is planned with the window.  The variable is read when the
     backend starts, after the model is built; a value the user set is kept."""
-    from sglang.srt.environ import envs  # the backend's own reading of the setting
-
     if model_window(config) is None:
         return
     os.environ.setdefault(PAGED_PREFILL, "1")
-    if not envs.SGLANG_FLASHINFER_USE_PAGED.get():
+    if not envs.SGLANG_FLASHINFER_USE_PAGED.get():  # the backend's own reading of the setting
         logger.warning("%s=%s: SGLang's flashinfer prefill ignores the sliding window of %d tokens on "
                        "ConvGPT's sliding layers; leave it unset (or 1) for exact prefill",
                        PAGED_PREFILL, os.environ[PAGED_PREFILL], config.sliding_window)
