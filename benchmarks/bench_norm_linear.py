@@ -15,7 +15,11 @@ split-K kernel) against cuBLAS (``F.linear``), with a sweep of the K split.
 
 One line per shape as it completes, and a JSON of each part (norm_linear.json, narrow_linear.json).
 
-Usage (CUDA): python benchmarks/bench_norm_linear.py --out DIR
+``--tiles M[,M..]``: instead, both kernels' whole tile space at those row counts (the sizes
+where the heuristics were only swept along one axis), each configuration against the shipped
+heuristic and the engine's ops, ranked; ``tiles.{txt,json}``.
+
+Usage (CUDA): python benchmarks/bench_norm_linear.py --out DIR [--tiles 128,256]
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--batches", default="1,2,4,8,16,32,64,128,256,512,1024")
     ap.add_argument("--only", choices=["norm_linear", "narrow_linear"], default=None)
+    ap.add_argument("--tiles", default=None, help="row counts for the full tile sweep (replaces the rest)")
     args = ap.parse_args()
     import torch
     from triton.testing import do_bench_cudagraph
@@ -80,6 +85,10 @@ def main() -> None:
         json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows},
                   open(os.path.join(args.out, f"{name}.json"), "w"), indent=1)
 
+    if args.tiles:
+        tile_sweep([int(m) for m in args.tiles.split(",")], timed, logger("tiles"),
+                   lambda rows: save("tiles", rows))
+        return
     if args.only != "norm_linear":
         say, rows = logger("narrow_linear"), []
         say(f"{'site':<8}{'M':>6}{'cuBLAS':>9}{'split-K':>9}{'ratio':>7}   by (BLOCK_K, K blocks per split): "
@@ -126,6 +135,63 @@ def main() -> None:
             say(f"{name:<9}{m:>6}{eng:>9.2f}{fused:>8.2f}{fused / eng:>7.2f}   "
                 + " ".join(f"{sweep[b]:.2f}" for b in (32, 64, 128)) + f"  (picked {tiles[1]})")
             save("norm_linear", rows)
+
+
+NORM_TILES = [(bm, bn, w) for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for w in (4, 8)]
+NARROW_TILES = [(bm, bn, kps, w) for bm in (32, 64, 128) for bn in (16, 32, 64) for kps in (2, 4, 8) for w in (4, 8)]
+
+
+def tile_sweep(ms: list[int], timed, say, save) -> None:
+    """Every tile configuration of both kernels at each row count in ``ms`` (published
+    geometry), checked against torch, timed in CUDA graphs beside the engine's ops and the
+    shipped heuristic; the five fastest printed per site and size, all of them saved."""
+    import torch
+    import torch.nn.functional as F
+
+    from convgpt_core import narrow_linear as nar
+    from convgpt_core import norm_linear as nl
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    rows = []
+
+    def ranked(name, m, base_name, base, shipped, runs, desc):
+        best = sorted(runs, key=lambda r: r[1])
+        rows.append(dict(site=name, m=m, baseline=base_name, baseline_us=base, shipped_us=shipped,
+                         configs=[dict(config=c, us=t) for c, t in best]))
+        say(f"{name:<8}{m:>5}  {base_name} {base:6.2f}  shipped {shipped:6.2f}  best {best[0][1]:6.2f} "
+            f"({best[0][1] / shipped:.2f}x shipped, {best[0][1] / base:.2f}x {base_name})")
+        for c, t in best[:5]:
+            say(f"{'':15}{desc}={c}  {t:6.2f}")
+        save(rows)
+
+    for name, n, swiglu in SITES:
+        w = torch.randn(2 * n if swiglu else n, D, device=dev, dtype=dt) / D**0.5
+        nw = (1 + 0.1 * torch.randn(D, device=dev)).to(dt)
+        compiled = torch.compile(engine_path, dynamic=False)
+        for m in ms:
+            torch._dynamo.reset()
+            h, r = (torch.randn(m, D, device=dev, dtype=dt) for _ in range(2))
+            want = compiled(h, r, nw, w, swiglu)[0]
+            runs = []
+            for bm, bn, wp in NORM_TILES:
+                kw = dict(block_m=bm, block_n=bn, num_warps=wp)
+                torch.testing.assert_close(nl.norm_linear_triton(h, r, nw, 1e-6, w, swiglu, **kw)[0], want,
+                                           rtol=3e-2, atol=3e-2)
+                runs.append(((bm, bn, wp), timed(nl.norm_linear_triton, h, r, nw, 1e-6, w, swiglu, rep=20, **kw)))
+            ranked(name, m, "engine", timed(compiled, h, r, nw, w, swiglu),
+                   timed(nl.norm_linear_triton, h, r, nw, 1e-6, w, swiglu), runs, "(BLOCK_M, BLOCK_N, warps)")
+    for name, k in NARROW_SITES:
+        w = torch.randn(D, k, device=dev, dtype=dt) / k**0.5
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=dt)
+            want = F.linear(x, w)
+            runs = []
+            for bm, bn, kps, wp in NARROW_TILES:
+                kw = dict(block_m=bm, block_n=bn, block_k=128, k_blocks_per_split=kps, num_warps=wp)
+                torch.testing.assert_close(nar.narrow_linear_triton(x, w, **kw), want, rtol=3e-2, atol=3e-2)
+                runs.append(((bm, bn, kps, wp), timed(nar.narrow_linear_triton, x, w, rep=20, **kw)))
+            ranked(name, m, "cuBLAS", timed(F.linear, x, w), timed(nar.narrow_linear_triton, x, w), runs,
+                   "(BLOCK_M, BLOCK_N, K blocks per split, warps)")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from . import narrow_linear as _narrow
 from . import norm_linear as _norm
 
 # Both ops run their unfused path for every row count above this.
-FUSED_UP_TO = max(_norm.MAX_ROWS, _narrow.MAX_ROWS)
+FUSED_UP_TO = max(_norm.MAX_ROWS, _narrow.MAX_ROWS, _narrow.MAX_ROWS_LONG_K)
 
 
 def _norm_linear_aten(x, residual, norm_weight, eps, weight, swiglu):

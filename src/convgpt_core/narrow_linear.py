@@ -15,8 +15,8 @@ model dtype (as cuBLAS does), writes the output and resets the counter.  The cou
 in one zeroed buffer per device and stream that every call leaves zeroed again, so CUDA
 graphs replay the kernel with nothing to reset.
 
-Past :data:`MAX_ROWS` rows the op runs ``F.linear`` (cuBLAS), which keeps every SM busy
-without splitting K once there are enough rows.  Under ``torch.compile`` the call is the
+Past :data:`MAX_ROWS` rows (:data:`MAX_ROWS_LONG_K` for K from :data:`LONG_K` up) the op runs
+``F.linear`` (cuBLAS), which keeps every SM busy without splitting K once there are enough rows.  Under ``torch.compile`` the call is the
 opaque custom op ``convgpt::narrow_linear``, which chooses by rows when it runs (or, in a
 graph compiled only for larger steps, :mod:`convgpt_core.graph_pass` writes in F.linear).  Only a
 whole (unsharded, unquantized, LoRA-free) weight qualifies: the adapters check that and
@@ -40,6 +40,10 @@ BLOCK_N = 16  # output columns per program: D = 144 is nine blocks
 # cuBLAS (one CUDA graph replay each) for o_proj / down: 1 row 3.6 / 3.8 us vs 5.0 / 6.2;
 # 128 rows 4.9 / 5.2 vs 5.1 / 6.5 (four K slices per program); 256 rows 6.3 / 6.4 vs 5.1 / 6.6.
 MAX_ROWS = 128
+# ... and up to MAX_ROWS_LONG_K rows where K is at least LONG_K: round 14's tile sweep
+# (bench_norm_linear.py --tiles) at 256 rows, eight K slices per program: down (K = 3072)
+# 5.61 us vs cuBLAS 6.58, o_proj (K = 2048) 5.35 vs 5.10, so o_proj keeps cuBLAS there.
+LONG_K, MAX_ROWS_LONG_K = 3072, 256
 _COUNTERS = 4096  # tile counters per buffer (tiles = row blocks x column blocks)
 
 
@@ -112,15 +116,20 @@ def _counters(device: torch.device) -> torch.Tensor:
     return buf
 
 
+def max_rows(K: int) -> int:
+    """The most rows the kernel takes for an input K wide (cuBLAS above)."""
+    return MAX_ROWS_LONG_K if K >= LONG_K else MAX_ROWS
+
+
 @functools.cache
 def _tiles(M: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_K, blocks of K per split, num_warps): a fixed heuristic from the K-split
-    sweep of ``benchmarks/bench_norm_linear.py`` on an H200 (o_proj K = 2048, down K = 3072,
-    round 6).  Rows in tiles of 16 (the tensor-core minimum) up to 64; K in slices of 128, two
-    per program up to 32 rows (72-108 programs for one row: 3.6-3.8 us, cuBLAS 5.0-6.2), four
-    above (the 64-row tiles do more work per slice)."""
+    sweeps of ``benchmarks/bench_norm_linear.py`` on an H200 (o_proj K = 2048, down K = 3072,
+    rounds 6 and 14).  Rows in tiles of 16 (the tensor-core minimum) up to 64; K in slices of
+    128, two per program up to 32 rows (72-108 programs for one row: 3.6-3.8 us, cuBLAS
+    5.0-6.2), four up to 128 rows (the 64-row tiles do more work per slice), eight above."""
     bm = 16 if M <= 16 else 32 if M <= 32 else 64
-    return bm, 128, 2 if M <= 32 else 4, 4
+    return bm, 128, 2 if M <= 32 else 4 if M <= 128 else 8, 4
 
 
 def narrow_linear_triton(
@@ -131,6 +140,7 @@ def narrow_linear_triton(
     block_k: int | None = None,
     k_blocks_per_split: int | None = None,
     num_warps: int | None = None,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """The kernel launch behind :func:`narrow_linear`; the keyword tile settings override the
     heuristic (benchmarks, tests)."""
@@ -150,17 +160,18 @@ def narrow_linear_triton(
         weight = weight.contiguous()
     bm, bk, kps, nw = _tiles(M)
     bm, bk, kps, nw = block_m or bm, block_k or bk, k_blocks_per_split or kps, num_warps or nw
+    bn = block_n or BLOCK_N
     k_per_split = kps * bk
     split = triton.cdiv(K, k_per_split)
-    grid_mn = triton.cdiv(M, bm) * triton.cdiv(N, BLOCK_N)
+    grid_mn = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if grid_mn > _COUNTERS:
         split, k_per_split = 1, triton.cdiv(K, bk) * bk
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     upcast = _interpreting() and x.dtype != torch.float32  # the interpreter multiplies 16-bit tiles as integers
-    jitted(_narrow_linear_src)[(triton.cdiv(M, bm), triton.cdiv(N, BLOCK_N), split)](
+    jitted(_narrow_linear_src)[(triton.cdiv(M, bm), triton.cdiv(N, bn), split)](
         x2, weight, y.view(-1, N), part, _counters(x.device),
         M, N, K, x2.stride(0), weight.stride(0), N, k_per_split,
-        SPLIT=split, BLOCK_M=bm, BLOCK_N=BLOCK_N, BLOCK_K=bk,
+        SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
         num_warps=nw, num_stages=3,
     )
@@ -168,7 +179,7 @@ def narrow_linear_triton(
 
 
 def _kernel_or_cublas(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if _rows(x) <= MAX_ROWS:
+    if _rows(x) <= max_rows(weight.shape[1]):
         return narrow_linear_triton(x, weight)
     return F.linear(x, weight)
 
@@ -180,7 +191,7 @@ _HAVE_OP = triton is not None and register_op(  # the body looked up when called
 
 
 def narrow_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T``: the split-K kernel up to :data:`MAX_ROWS` rows where
+    """``x @ weight.T``: the split-K kernel up to :func:`max_rows` rows where
     :func:`narrow_linear_available` (chosen at run time inside the custom op when compiled),
     ``F.linear`` elsewhere."""
     if not narrow_linear_available(x, weight):

@@ -165,15 +165,18 @@ def _silu_mul(y: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def _tiles(M: int, swiglu: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): a fixed heuristic, from the column-block sweep of
-    ``benchmarks/bench_norm_linear.py`` on an H200 (D = 144, N = 4096 and 2 x 3072).  Rows
-    in tiles of 16 (the tensor-core minimum) up to 64.  Up to 32 rows, 32-wide column
-    blocks spread the weight reads over the most SMs (q+k+v: 128 programs for one row);
-    wider blocks win from 64 rows on (64 for SwiGLU, whose programs read two blocks)."""
-    bm = 16 if M <= 16 else 32 if M <= 64 else 64
-    bn = 32 if M <= 32 else 64 if (M <= 128 or swiglu) else 128
-    warps = 8 if bm * bn * (2 if swiglu else 1) >= 8192 else 4
-    return bm, bn, warps
+    """(BLOCK_M, BLOCK_N, num_warps): a fixed heuristic, from the sweeps of
+    ``benchmarks/bench_norm_linear.py`` on an H200 (D = 144, N = 4096 and 2 x 3072; column
+    blocks in round 6, every tile at 128 and 256 rows in round 14).  Rows in tiles of 16 (the
+    tensor-core minimum) up to 16 rows, then 32.  Up to 32 rows, 32-wide column blocks spread
+    the weight reads over the most SMs (q+k+v: 128 programs for one row); wider blocks win
+    from 64 rows on: 128 from 65 rows (qkv 3.88 us at 128 rows where 64 x 64 tiles took 4.20).
+    Past 128 rows q+k+v takes 64-row tiles (4.84 us at 256), SwiGLU, whose programs read two
+    blocks of W, 32 x 64 (6.33 us where 64 x 64 on 8 warps took 7.82).  Four warps throughout:
+    eight were slower at every size swept."""
+    bm = 64 if (M > 128 and not swiglu) else 16 if M <= 16 else 32
+    bn = 32 if M <= 32 else 64 if (M <= 64 or (M > 128 and swiglu)) else 128
+    return bm, bn, 4
 
 
 def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, block_m, block_n, num_warps):
