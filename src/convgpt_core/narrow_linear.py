@@ -56,12 +56,14 @@ def narrow_linear_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _narrow_linear_src(
     x_ptr, w_ptr, y_ptr, part_ptr, count_ptr,
-    M, N, K, stride_x, stride_w, stride_y, k_per_split,
-    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    M, N, K, stride_x, stride_w, stride_y,
+    K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """y[m, n] = x[m] . w[n].  Program (i, j, s) covers rows i*BLOCK_M.., columns j*BLOCK_N..
-    and K from s*k_per_split (a multiple of BLOCK_K).  With SPLIT > 1 it writes its fp32 tile
+    and K from s*K_PER_SPLIT (a multiple of BLOCK_K; a constant, so that the interpreter, too,
+    loops over a plain integer).  With SPLIT > 1 it writes its fp32 tile
     to part[s], and the tile's last program sums part[0..SPLIT) into y."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -75,8 +77,8 @@ def _narrow_linear_src(
     dot_ty = tl.float32 if UPCAST else w_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    for k0 in range(0, k_per_split, BLOCK_K):
+    k_start = pid_k * K_PER_SPLIT
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
         offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         a = tl.load(x_ptr + rows[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -170,8 +172,8 @@ def narrow_linear_triton(
     upcast = _interpreting() and x.dtype != torch.float32  # the interpreter multiplies 16-bit tiles as integers
     jitted(_narrow_linear_src)[(triton.cdiv(M, bm), triton.cdiv(N, bn), split)](
         x2, weight, y.view(-1, N), part, _counters(x.device),
-        M, N, K, x2.stride(0), weight.stride(0), N, k_per_split,
-        SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        M, N, K, x2.stride(0), weight.stride(0), N,
+        K_PER_SPLIT=k_per_split, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
         num_warps=nw, num_stages=3,
     )
