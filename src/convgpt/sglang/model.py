@@ -162,8 +162,8 @@ class ConvGPTDecoderLayer(nn.Module):
         """Whether both norms run fused with the linear after them (``norm_linear``): plain
         unquantized weights (no LoRA wrapper, no fp8), a device the kernel runs on, and a
         decode-sized batch (up to ``MAX_ROWS`` tokens; larger ones keep SGLang's fused add +
-        RMSNorm, cuBLAS and SiLU*mul).  At 256 rows the kernel took 5.3 us for q/k/v and 7.8 for
-        gate/up (round 6, H200 micro-benchmark) where SGLang's kernels took 2.4 + 4.7 and
+        RMSNorm, cuBLAS and SiLU*mul).  At 256 rows the kernel takes 4.7 us for q/k/v and 6.2 for
+        gate/up (round 14, H200 micro-benchmark) where SGLang's kernels took 2.4 + 4.7 and
         2.4 + 4.2 + 2.2 (its batch-256 decode trace, per layer)."""
         qkv, gate_up = self.self_attn.qkv_proj, self.mlp.gate_up_proj
         return _plain(qkv) and _plain(gate_up) and norm_linear_available(h, qkv.weight)
