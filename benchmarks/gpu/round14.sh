@@ -4,6 +4,8 @@
 # models with sliding layers); vLLM's bf16 parity with the new tiles; vLLM decode end to end, traced,
 # with steps cut at vLLM's step marks (steptrace.annotated_decode_steps).  The vLLM parts staged and
 # installed first, the SGLang part staged to /root/stage-sgl, then `gpu.sh bg benchmarks/gpu/round14.sh`.
+# As run (benchmarks/results/README.md, "Round 14"): vLLM's parity hit the 500 s timeout after two
+# checkpoints and the device time ran out before the last step; round15.sh takes up both.
 G="bash benchmarks/gpu/gpu.sh"
 R=/root/results
 (export PYTHONPATH=$PWD/src:$PWD/tests
