@@ -190,6 +190,32 @@ def test_sglang_takes_the_sliding_window_from_the_model(case):
 
 
 @pytest.mark.parametrize("case", WINDOW_CASES)
+def test_sliding_layers_refuse_sglangs_triton_decode(case):
+    """SGLang's triton backend decodes sliding layers over one key fewer than the window: a model
+    with such layers refuses it as the decode backend (named in either of SGLang's two settings),
+    with an error that names the way out, and accepts it for prefill alone; a model without
+    sliding layers takes any backend.  The settings are SGLang's own server-argument records."""
+    from sglang.srt.server_args import ServerArgs
+
+    from convgpt.sglang.model import check_window_decode_backend
+    from convgpt_core.config import ConvGPTConfig
+
+    def args(attention, decode=None):
+        return ServerArgs(model_path="unused", attention_backend=attention, decode_attention_backend=decode)
+
+    config = ConvGPTConfig(**WINDOW_CASES[case])
+    sliding = _expected_window(WINDOW_CASES[case]) is not None
+    for refused in (args("triton"), args("flashinfer", decode="triton")):
+        if sliding:
+            with pytest.raises(ValueError, match="sliding-window layers.*triton.*--decode-attention-backend"):
+                check_window_decode_backend(config, refused)
+        else:
+            check_window_decode_backend(config, refused)
+    for accepted in (args("triton", decode="flashinfer"), args("flashinfer"), args(None), None):
+        check_window_decode_backend(config, accepted)
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES)
 def test_sliding_layers_get_sglangs_paged_prefill(case, monkeypatch, caplog):
     """SGLang's flashinfer backend plans its ragged prefill kernel without the window (the paged
     one with it), so building a model with sliding layers asks for paged-only prefill, as SGLang's

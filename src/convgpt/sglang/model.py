@@ -108,6 +108,29 @@ def prefill_windowed_layers_paged(config: ConvGPTConfig) -> None:
                        PAGED_PREFILL, os.environ[PAGED_PREFILL], config.sliding_window)
 
 
+def check_window_decode_backend(config: ConvGPTConfig, args) -> None:
+    """Refuse SGLang's triton backend as the decode backend of a model with sliding layers.  In
+    0.5.16 and 0.5.23 it decodes a sliding layer over ``min(seq_len, window - 1)`` keys (the new
+    token's included) where the window holds ``window`` of them, and its decode kernel masks
+    nothing itself, so every step past the window drops the oldest key in it (read in both
+    sources; sgl-project/sglang PR 32087).  Its prefill masks by each layer's window and is
+    exact, so triton for prefill alone is accepted.  ``args``: SGLang's server arguments as the
+    model sees them when it is built.  0.5.16 has resolved its default backend into them by then;
+    0.5.23 holds what the user passed and picks its default later (triton only where flashinfer
+    is missing), so that choice goes unseen there."""
+    if model_window(config) is None or args is None:
+        return
+    decode = getattr(args, "decode_attention_backend", None) or getattr(args, "attention_backend", None)
+    if decode == "triton":
+        raise ValueError(
+            f"ConvGPT: this checkpoint has sliding-window layers (window {config.sliding_window}), and "
+            f"SGLang's triton attention backend decodes them over one key fewer than the window (its "
+            f"decode drops the oldest key in the window), so the tokens would not be the model's. "
+            f"Decode with another backend, e.g. --attention-backend flashinfer, or "
+            f"--decode-attention-backend flashinfer to keep triton for prefill"
+        )
+
+
 class ConvGPTAttention(nn.Module):
     def __init__(self, config: ConvGPTConfig, layer_id: int, quant_config, prefix: str) -> None:
         super().__init__()
@@ -295,6 +318,7 @@ class ConvGPTForCausalLM(nn.Module):
                 f"{padded} -> {config.num_key_value_heads}); ConvGPT does not load padded heads. On CPU "
                 f"use a --tp-size that divides num_key_value_heads ({padded})"
             )
+        check_window_decode_backend(config, args)
         prefill_windowed_layers_paged(config)
         self.config = config
         self.quant_config = quant_config
