@@ -197,7 +197,7 @@ def test_sliding_layers_refuse_sglangs_triton_decode(case):
     sliding layers takes any backend.  The settings are SGLang's own server-argument records."""
     from sglang.srt.server_args import ServerArgs
 
-    from convgpt.sglang.model import check_window_decode_backend
+    from convgpt.sglang.model import check_sliding_window
     from convgpt_core.config import ConvGPTConfig
 
     def args(attention, decode=None):
@@ -208,11 +208,26 @@ def test_sliding_layers_refuse_sglangs_triton_decode(case):
     for refused in (args("triton"), args("flashinfer", decode="triton")):
         if sliding:
             with pytest.raises(ValueError, match="sliding-window layers.*triton.*--decode-attention-backend"):
-                check_window_decode_backend(config, refused)
+                check_sliding_window(config, refused)
         else:
-            check_window_decode_backend(config, refused)
+            check_sliding_window(config, refused)
     for accepted in (args("triton", decode="flashinfer"), args("flashinfer"), args(None), None):
-        check_window_decode_backend(config, accepted)
+        check_sliding_window(config, accepted)
+
+
+def test_one_token_window_is_refused_on_sglang():
+    """SGLang's RadixAttention takes a window of 0 (SGLang's count for a 1-token window) as full
+    attention, so such a model is refused before it could attend past its window."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    from convgpt.sglang.model import check_sliding_window, model_window
+    from convgpt_core.config import ConvGPTConfig
+
+    config = ConvGPTConfig(**dict(PRESETS["tiny-sliding"], sliding_window=1))
+    window = model_window(config)
+    assert RadixAttention(2, 8, 1.0, 1, 0, sliding_window_size=window).sliding_window_size == -1  # full attention
+    with pytest.raises(ValueError, match="sliding_window = 1 .* full attention"):
+        check_sliding_window(config, None)
 
 
 @pytest.mark.parametrize("case", WINDOW_CASES)

@@ -108,17 +108,27 @@ def prefill_windowed_layers_paged(config: ConvGPTConfig) -> None:
                        PAGED_PREFILL, os.environ[PAGED_PREFILL], config.sliding_window)
 
 
-def check_window_decode_backend(config: ConvGPTConfig, args) -> None:
-    """Refuse SGLang's triton backend as the decode backend of a model with sliding layers.  In
-    0.5.16 and 0.5.23 it decodes a sliding layer over ``min(seq_len, window - 1)`` keys (the new
-    token's included) where the window holds ``window`` of them, and its decode kernel masks
-    nothing itself, so every step past the window drops the oldest key in it (read in both
-    sources; sgl-project/sglang PR 32087).  Its prefill masks by each layer's window and is
-    exact, so triton for prefill alone is accepted.  ``args``: SGLang's server arguments as the
-    model sees them when it is built.  0.5.16 has resolved its default backend into them by then;
-    0.5.23 holds what the user passed and picks its default later (triton only where flashinfer
-    is missing), so that choice goes unseen there."""
-    if model_window(config) is None or args is None:
+def check_sliding_window(config: ConvGPTConfig, args) -> None:
+    """Refuse the sliding windows SGLang would not serve as the model defines them:
+    - a window of 1 token (each token attends to itself only): ``RadixAttention`` reads SGLang's
+      count for it, 0, as full attention (``sliding_window_size or -1``, 0.5.16 and 0.5.23);
+    - SGLang's triton backend as the decode backend.  In 0.5.16 and 0.5.23 it decodes a sliding
+      layer over ``min(seq_len, window - 1)`` keys (the new token's included) where the window
+      holds ``window`` of them, and its decode kernel masks nothing itself, so every step past the
+      window drops the oldest key in it (read in both sources; sgl-project/sglang PR 32087).  Its
+      prefill masks by each layer's window and is exact, so triton for prefill alone is accepted.
+    ``args``: SGLang's server arguments as the model sees them when it is built.  0.5.16 has
+    resolved its default backend into them by then; 0.5.23 holds what the user passed and picks
+    its default later (triton only where flashinfer is missing), so that choice goes unseen there."""
+    window = model_window(config)
+    if window is None:
+        return
+    if window == 0:
+        raise ValueError(
+            "ConvGPT: sliding_window = 1 (each token attends to itself only) cannot be served by "
+            "SGLang: its RadixAttention reads that window as full attention"
+        )
+    if args is None:
         return
     decode = getattr(args, "decode_attention_backend", None) or getattr(args, "attention_backend", None)
     if decode == "triton":
@@ -318,7 +328,7 @@ class ConvGPTForCausalLM(nn.Module):
                 f"{padded} -> {config.num_key_value_heads}); ConvGPT does not load padded heads. On CPU "
                 f"use a --tp-size that divides num_key_value_heads ({padded})"
             )
-        check_window_decode_backend(config, args)
+        check_sliding_window(config, args)
         prefill_windowed_layers_paged(config)
         self.config = config
         self.quant_config = quant_config
