@@ -186,7 +186,10 @@ class SGLangDriver:
             raise ValueError(f"compile passes {s.passes} are vLLM's; SGLang has none of that name")
         if cuda_available():
             # the packed SGLang 0.5.16 has no FA3 (its Hopper default): flashinfer exists everywhere,
-            # but its kernels take 16-bit (and fp8) inputs only; float32 runs (the tests) use triton's
+            # but its kernels take 16-bit (and fp8) inputs only; float32 runs (the tests) use triton's.
+            # ConvGPT refuses triton decode for sliding-window checkpoints (one key short), and
+            # SGLang's CUDA RMSNorm takes 16-bit inputs only, so float32 fails on CUDA either way;
+            # the GPU runs (parity, LoRA) are bf16.
             backend = "triton" if s.dtype == "float32" else "flashinfer"
             kwargs.update(attention_backend=backend, mem_fraction_static=s.mem or 0.3)
             if s.eager or not s.graphs:

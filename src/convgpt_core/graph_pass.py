@@ -3,7 +3,7 @@ ever see more rows than the kernels take.
 
 Under ``torch.compile`` the adapters call ``convgpt::norm_linear`` and
 ``convgpt::narrow_linear``: opaque ops, so one graph serves every batch size and each call
-chooses by rows when it runs (the kernels up to their ``MAX_ROWS``, the unfused ops above).
+chooses by rows when it runs (the kernels up to their row limits, the unfused ops above).
 Above the limits that choice is paid for on the host: every call goes through the
 dispatcher into Python and launches the unfused ops one by one from there, 128 calls per
 forward of the published model.  vLLM runs prefill-sized steps without CUDA graphs, so its

@@ -189,45 +189,67 @@ def test_sglang_takes_the_sliding_window_from_the_model(case):
     assert resolve_sliding_window_size(model, not_swa) == _expected_window(WINDOW_CASES[case])
 
 
-@pytest.mark.parametrize("case", WINDOW_CASES)
-def test_sliding_layers_refuse_sglangs_triton_decode(case):
-    """SGLang's triton backend decodes sliding layers over one key fewer than the window: a model
-    with such layers refuses it as the decode backend (named in either of SGLang's two settings),
-    with an error that names the way out, and accepts it for prefill alone; a model without
-    sliding layers takes any backend.  The settings are SGLang's own server-argument records."""
+def _published_server_args(path: str, **backends):
+    """SGLang's own server arguments for a CPU server of the checkpoint at ``path``, resolved and
+    published as its scheduler does before it builds the model (0.5.23's runtime context)."""
+    from sglang.srt.runtime_context import create_context, use_context
     from sglang.srt.server_args import ServerArgs
 
-    from convgpt.sglang.model import check_sliding_window
+    from convgpt_core.config import register_config
+
+    register_config()  # what the plugin does in every SGLang process
+    args = ServerArgs(model_path=path, device="cpu", load_format="dummy", **backends)
+    return use_context(create_context(args, role="scheduler"))
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_sliding_layers_refuse_sglangs_triton_decode(case, tmp_path):
+    """SGLang's triton backend decodes sliding layers over one key fewer than the window: building
+    a model with such layers under server arguments whose decode backend resolves to triton
+    (named in either of SGLang's two settings) fails with an error that names the way out;
+    triton for prefill alone is accepted, and a model without sliding layers takes any backend.
+    The server arguments are SGLang's own, resolved and published the way its scheduler does."""
+    from sglang.srt.runtime_context import get_server_args
+
+    from convgpt.sglang.model import ConvGPTForCausalLM, check_sliding_window, decode_attention_backend
     from convgpt_core.config import ConvGPTConfig
+    from convgpt_core.tiny import make_checkpoint
 
-    def args(attention, decode=None):
-        return ServerArgs(model_path="unused", attention_backend=attention, decode_attention_backend=decode)
+    fields = WINDOW_CASES[case]
+    make_checkpoint(str(tmp_path), preset="tiny", seed=1, **fields)
+    config = ConvGPTConfig(**fields)
+    sliding = _expected_window(fields) is not None
+    for backends, refused in (({"attention_backend": "triton"}, sliding),
+                              ({"attention_backend": "torch_native", "decode_attention_backend": "triton"}, sliding),
+                              ({"attention_backend": "triton", "decode_attention_backend": "torch_native"}, False),
+                              ({"attention_backend": "torch_native"}, False)):
+        with _published_server_args(str(tmp_path), **backends):
+            decode = decode_attention_backend(get_server_args())
+            assert decode == backends.get("decode_attention_backend", backends["attention_backend"])
+            if refused:  # the model's own constructor refuses, before it builds any layer
+                with pytest.raises(ValueError, match="sliding-window layers.*triton.*--decode-attention-backend"):
+                    ConvGPTForCausalLM(config)
+            else:
+                check_sliding_window(config, decode)
+    assert decode_attention_backend(None) is None
 
-    config = ConvGPTConfig(**WINDOW_CASES[case])
-    sliding = _expected_window(WINDOW_CASES[case]) is not None
-    for refused in (args("triton"), args("flashinfer", decode="triton")):
-        if sliding:
-            with pytest.raises(ValueError, match="sliding-window layers.*triton.*--decode-attention-backend"):
-                check_sliding_window(config, refused)
-        else:
-            check_sliding_window(config, refused)
-    for accepted in (args("triton", decode="flashinfer"), args("flashinfer"), args(None), None):
-        check_sliding_window(config, accepted)
 
-
-def test_one_token_window_is_refused_on_sglang():
+def test_one_token_window_is_refused_on_sglang(tmp_path):
     """SGLang's RadixAttention takes a window of 0 (SGLang's count for a 1-token window) as full
     attention, so such a model is refused before it could attend past its window."""
     from sglang.srt.layers.radix_attention import RadixAttention
 
-    from convgpt.sglang.model import check_sliding_window, model_window
+    from convgpt.sglang.model import ConvGPTForCausalLM, model_window
     from convgpt_core.config import ConvGPTConfig
+    from convgpt_core.tiny import make_checkpoint
 
-    config = ConvGPTConfig(**dict(PRESETS["tiny-sliding"], sliding_window=1))
-    window = model_window(config)
-    assert RadixAttention(2, 8, 1.0, 1, 0, sliding_window_size=window).sliding_window_size == -1  # full attention
-    with pytest.raises(ValueError, match="sliding_window = 1 .* full attention"):
-        check_sliding_window(config, None)
+    fields = dict(PRESETS["tiny-sliding"], sliding_window=1)
+    make_checkpoint(str(tmp_path), preset="tiny", seed=1, **fields)
+    config = ConvGPTConfig(**fields)
+    assert RadixAttention(2, 8, 1.0, 1, 0, sliding_window_size=model_window(config)).sliding_window_size == -1
+    with (_published_server_args(str(tmp_path), attention_backend="torch_native"),
+          pytest.raises(ValueError, match="sliding_window = 1 .* full attention")):
+        ConvGPTForCausalLM(config)  # before any layer is built
 
 
 @pytest.mark.parametrize("case", WINDOW_CASES)

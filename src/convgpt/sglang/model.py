@@ -108,18 +108,30 @@ def prefill_windowed_layers_paged(config: ConvGPTConfig) -> None:
                        PAGED_PREFILL, os.environ[PAGED_PREFILL], config.sliding_window)
 
 
-def check_sliding_window(config: ConvGPTConfig, args) -> None:
+def decode_attention_backend(args) -> str | None:
+    """The decode attention backend SGLang builds for this model, as settled when the model is
+    built (None outside a server).  0.5.23 resolves the pair, defaults included, when it publishes
+    the server arguments (``runtime_context.attention_backends``); 0.5.16 resolves it into the
+    server arguments themselves (``ServerArgs.get_attention_backends``)."""
+    if args is None:
+        return None
+    try:
+        from sglang.srt.runtime_context import attention_backends
+    except ImportError:  # 0.5.16
+        return args.get_attention_backends()[1]
+    return attention_backends()[1]
+
+
+def check_sliding_window(config: ConvGPTConfig, decode_backend: str | None) -> None:
     """Refuse the sliding windows SGLang would not serve as the model defines them:
     - a window of 1 token (each token attends to itself only): ``RadixAttention`` reads SGLang's
       count for it, 0, as full attention (``sliding_window_size or -1``, 0.5.16 and 0.5.23);
-    - SGLang's triton backend as the decode backend.  In 0.5.16 and 0.5.23 it decodes a sliding
-      layer over ``min(seq_len, window - 1)`` keys (the new token's included) where the window
-      holds ``window`` of them, and its decode kernel masks nothing itself, so every step past the
-      window drops the oldest key in it (read in both sources; sgl-project/sglang PR 32087).  Its
-      prefill masks by each layer's window and is exact, so triton for prefill alone is accepted.
-    ``args``: SGLang's server arguments as the model sees them when it is built.  0.5.16 has
-    resolved its default backend into them by then; 0.5.23 holds what the user passed and picks
-    its default later (triton only where flashinfer is missing), so that choice goes unseen there."""
+    - SGLang's triton backend as the decode backend (``decode_backend``).  In 0.5.16 and 0.5.23
+      it decodes a sliding layer over ``min(seq_len, window - 1)`` keys (the new token's
+      included) where the window holds ``window`` of them, and its decode kernel masks nothing
+      itself, so every step past the window drops the oldest key in it (read in both sources;
+      sgl-project/sglang PR 32087).  Its prefill masks by each layer's window and is exact, so
+      triton for prefill alone is accepted."""
     window = model_window(config)
     if window is None:
         return
@@ -128,10 +140,7 @@ def check_sliding_window(config: ConvGPTConfig, args) -> None:
             "ConvGPT: sliding_window = 1 (each token attends to itself only) cannot be served by "
             "SGLang: its RadixAttention reads that window as full attention"
         )
-    if args is None:
-        return
-    decode = getattr(args, "decode_attention_backend", None) or getattr(args, "attention_backend", None)
-    if decode == "triton":
+    if decode_backend == "triton":
         raise ValueError(
             f"ConvGPT: this checkpoint has sliding-window layers (window {config.sliding_window}), and "
             f"SGLang's triton attention backend decodes them over one key fewer than the window (its "
@@ -328,7 +337,7 @@ class ConvGPTForCausalLM(nn.Module):
                 f"{padded} -> {config.num_key_value_heads}); ConvGPT does not load padded heads. On CPU "
                 f"use a --tp-size that divides num_key_value_heads ({padded})"
             )
-        check_sliding_window(config, args)
+        check_sliding_window(config, decode_attention_backend(args))
         prefill_windowed_layers_paged(config)
         self.config = config
         self.quant_config = quant_config
