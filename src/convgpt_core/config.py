@@ -148,6 +148,11 @@ class ConvGPTConfig(PretrainedConfig):
                 for i in range(num_hidden_layers)
             ]
         self.layer_types = list(layer_types)
+        if "sliding_attention" not in self.layer_types:
+            # A window no layer uses is dropped (as transformers' Qwen3 config drops it without
+            # use_sliding_window): an engine that reads one model-level window would put it on
+            # every layer (vLLM 0.26 does when the layer types are all alike).
+            self.sliding_window = None
         self.rope_parameters = _rope_parameters(rope_parameters, rope_scaling, rope_theta)
         geometry = Geometry.from_values(
             hidden_size=hidden_size,

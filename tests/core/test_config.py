@@ -79,6 +79,29 @@ def test_layer_types_from_max_window_layers():
     assert [c.sliding_window_of(i) for i in range(4)] == [None, None, 8, 8]
 
 
+@pytest.mark.parametrize("fields", [
+    dict(num_hidden_layers=2, layer_types=["full_attention"] * 2, sliding_window=16),
+    dict(num_hidden_layers=2, sliding_window=16),  # no layer_types, max_window_layers unset: all full
+    dict(num_hidden_layers=2, layer_types=["sliding_attention"] * 2, sliding_window=16),
+    dict(num_hidden_layers=2, layer_types=["full_attention", "sliding_attention"], sliding_window=16),
+    dict(num_hidden_layers=2),
+], ids=["window-all-full", "window-no-layer-types", "all-sliding", "mixed", "no-window"])
+def test_model_level_window_is_every_layers_window(fields, tmp_path):
+    """vLLM 0.26 puts one model-level window on every layer whose own window is None when the
+    layer types are all alike (engine/arg_utils.py: ``if not is_interleaved(hf_text_config):
+    sliding_window = model_config.get_sliding_window()``, i.e. the config's ``sliding_window``).
+    Under that rule every layer must still get its own window from the config, before and after
+    a save and reload."""
+    c = ConvGPTConfig(**fields)
+    c.save_pretrained(tmp_path)
+    for cfg in (c, ConvGPTConfig.from_pretrained(tmp_path)):
+        windows = [cfg.sliding_window_of(i) for i in range(cfg.num_hidden_layers)]
+        interleaved = len(set(cfg.layer_types)) > 1  # vLLM's is_interleaved
+        if not interleaved:
+            assert windows == [cfg.sliding_window] * cfg.num_hidden_layers
+        assert windows == [16 if t == "sliding_attention" else None for t in cfg.layer_types]
+
+
 def test_heads_per_tensor_parallel_rank():
     from convgpt_core.config import heads_per_rank
 
