@@ -16,9 +16,10 @@ in one zeroed buffer per device and stream that every call leaves zeroed again, 
 graphs replay the kernel with nothing to reset.
 
 Past :data:`MAX_ROWS` rows (:data:`MAX_ROWS_LONG_K` for K from :data:`LONG_K` up) the op runs
-``F.linear`` (cuBLAS), which keeps every SM busy without splitting K once there are enough rows.  Under ``torch.compile`` the call is the
-opaque custom op ``convgpt::narrow_linear``, which chooses by rows when it runs (or, in a
-graph compiled only for larger steps, :mod:`convgpt_core.graph_pass` writes in F.linear).  Only a
+``F.linear`` (cuBLAS), which keeps every SM busy without splitting K once there are enough
+rows.  Under ``torch.compile`` the call is the opaque custom op ``convgpt::narrow_linear``,
+which chooses by rows when it runs (or, in a graph compiled only for larger steps,
+:mod:`convgpt_core.graph_pass` writes in F.linear).  Only a
 whole (unsharded, unquantized, LoRA-free) weight qualifies: the adapters check that and
 otherwise call the engine's row-parallel layer, which also does the all-reduce.
 """
@@ -63,8 +64,8 @@ def _narrow_linear_src(
 ):
     """y[m, n] = x[m] . w[n].  Program (i, j, s) covers rows i*BLOCK_M.., columns j*BLOCK_N..
     and K from s*K_PER_SPLIT (a multiple of BLOCK_K; a constant, so that the interpreter, too,
-    loops over a plain integer).  With SPLIT > 1 it writes its fp32 tile
-    to part[s], and the tile's last program sums part[0..SPLIT) into y."""
+    loops over a plain integer).  With SPLIT > 1 it writes its fp32 tile to part[s], and the
+    tile's last program sums part[0..SPLIT) into y."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)

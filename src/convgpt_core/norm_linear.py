@@ -173,7 +173,7 @@ def _tiles(M: int, swiglu: bool) -> tuple[int, int, int]:
     from 64 rows on: 128 from 65 rows (qkv 3.88 us at 128 rows where 64 x 64 tiles took 4.20).
     Past 128 rows q+k+v takes 64-row tiles (4.84 us at 256), SwiGLU, whose programs read two
     blocks of W, 32 x 64 (6.33 us where 64 x 64 on 8 warps took 7.82).  Four warps throughout:
-    eight were slower at every size swept."""
+    the fastest tile at each size swept ran four."""
     bm = 64 if (M > 128 and not swiglu) else 16 if M <= 16 else 32
     bn = 32 if M <= 32 else 64 if (M <= 64 or (M > 128 and swiglu)) else 128
     return bm, bn, 4
