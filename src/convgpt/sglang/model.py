@@ -88,9 +88,8 @@ def _sglang_window(window: int | None) -> int:
 
 def model_window(config: ConvGPTConfig) -> int | None:
     """The sliding-attention layers' window in SGLang's count, None without such layers (the
-    config has one window for all of them)."""
-    windows = [config.sliding_window_of(i) for i in range(config.num_hidden_layers)]
-    return next((_sglang_window(w) for w in windows if w is not None), None)
+    config has one window for all of them, and drops it when no layer slides)."""
+    return None if config.sliding_window is None else _sglang_window(config.sliding_window)
 
 
 def prefill_windowed_layers_paged(config: ConvGPTConfig) -> None:
