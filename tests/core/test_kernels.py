@@ -35,7 +35,7 @@ finally:
 from convgpt_core import kernels  # noqa: E402
 from convgpt_core.compressor import CausalConvPool, ConvCompressor, Geometry, ScaleNorm, fold  # noqa: E402
 from convgpt_core.kernels import compress  # noqa: E402
-from naive import compress_loops, scale_norm  # noqa: E402
+from naive import compress_loops, rms_norm, rope, scale_norm  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GEOMETRIES = [(16, 3), (16, 1), (36, 5), (64, 5)]  # (F, k); e = int(sqrt(F)) // 2
@@ -506,6 +506,132 @@ def test_norm_linear_under_torch_compile(interp, monkeypatch, residual):
     assert calls == [("norm_linear_triton" if m <= nl.MAX_ROWS else "norm_linear_torch", m) for m in sizes]
 
 
+# --------------------------------------------------------------------------------------
+# norm_linear with the q/k norm and RoPE in its epilogue (the q+k+v site)
+
+THETA = 10000.0
+
+
+@functools.cache
+def _rope_case(M: int, hd: int, q_heads: int, kv_heads: int, max_pos: int = 512, seed: int = 3):
+    """q/k norm weights (bfloat16-exact float64), M positions and the cos | sin table the engines
+    hand over (float64 here; rounded to the tested dtype by the caller)."""
+    gen = torch.Generator().manual_seed(seed + M + hd * 3 + q_heads * 5 + kv_heads)
+    qw = (1 + 0.3 * torch.randn(hd, generator=gen)).to(torch.bfloat16).double()
+    kw = (1 + 0.3 * torch.randn(hd, generator=gen)).to(torch.bfloat16).double()
+    pos = torch.randint(0, max_pos, (M,), generator=gen)
+    inv = THETA ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None, :]
+    return qw, kw, pos, torch.cat((ang.cos(), ang.sin()), dim=-1)
+
+
+def _qk_rope_reference(qkv, qw, kw, eps, pos, q_heads, kv_heads):
+    """SPEC.md's attention inputs in float64 (tests/naive.py): q_norm / k_norm per head, then
+    neox RoPE at each token's position; v as it is."""
+    heads = qkv.reshape(qkv.shape[0], -1, qw.shape[0])
+    q = rope(rms_norm(heads[:, :q_heads], qw, eps), pos, THETA)
+    k = rope(rms_norm(heads[:, q_heads:q_heads + kv_heads], kw, eps), pos, THETA)
+    return torch.cat((q, k, heads[:, q_heads + kv_heads:]), dim=1).reshape(qkv.shape)
+
+
+def _qk_rope(M, hd, q_heads, kv_heads, **to):
+    qw, kw, pos, cs = _rope_case(M, hd, q_heads, kv_heads)
+    return nl.QKRope(qw.to(**to), kw.to(**to), 1e-6, cs.to(**to), pos.to(to.get("device", "cpu")), q_heads, kv_heads)
+
+
+def _rope_check(run, dtype, device, M, K, hd, q_heads, kv_heads, residual=True, tol=None):
+    """``run(x, r, nw, eps, w, rope)`` (one of norm_linear's entry points) against float64."""
+    x, r, nw, w = _nl_case(M, K, (q_heads + 2 * kv_heads) * hd, False)
+    qw, kw, pos, _ = _rope_case(M, hd, q_heads, kv_heads)
+    qkv, want_s = _nl_reference(x, r if residual else None, nw, 1e-6, w, False)
+    want = _qk_rope_reference(qkv, qw, kw, 1e-6, pos, q_heads, kv_heads)
+    to = dict(device=device, dtype=dtype)
+    y, s = run(x.to(**to), r.to(**to) if residual else None, nw.to(**to), 1e-6, w.to(**to),
+               _qk_rope(M, hd, q_heads, kv_heads, **to))
+    tol = tol or NL_TOL[dtype]
+    assert y.shape == want.shape and y.dtype == dtype
+    torch.testing.assert_close(y.double().cpu(), want, rtol=tol, atol=tol)
+    if residual:
+        torch.testing.assert_close(s.double().cpu(), want_s, rtol=2**-7, atol=0)
+
+
+ROPE_SHAPES = [  # (M, K, head_dim, q heads, kv heads): GQA, MHA, a head whose half (12) is no power of two
+    (1, 144, 32, 4, 2), (7, 64, 16, 2, 2), (33, 144, 24, 3, 1), (70, 96, 32, 2, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual", [True, False], ids=["add", "noadd"])
+@pytest.mark.parametrize("M,K,hd,nq,nkv", ROPE_SHAPES)
+def test_norm_linear_rope_matches_float64(interp, M, K, hd, nq, nkv, residual, dtype):
+    _rope_check(lambda *a: nl.norm_linear_triton(*a[:5], rope=a[5]), dtype, "cpu", M, K, hd, nq, nkv, residual)
+
+
+def test_norm_linear_rope_unfused_path_matches_float64():
+    """Past MAX_ROWS, and in the graphs graph_pass rewrites: torch's ops, exact in float64."""
+    _rope_check(lambda *a: nl.norm_linear_torch(*a[:5], rope=a[5]), torch.float64, "cpu", nl.MAX_ROWS + 5, 144,
+                24, 3, 1, tol=1e-12)
+
+
+def test_norm_linear_rope_rows_pick_kernel_or_torch(interp, monkeypatch):
+    calls = _record_runs(monkeypatch, nl, "norm_linear_triton", "norm_linear_torch")
+    for M in (nl.MAX_ROWS, nl.MAX_ROWS + 1):
+        _rope_check(lambda *a: nl.norm_linear(*a[:5], rope=a[5]), torch.float32, "cpu", M, 64, 16, 2, 1)
+    assert calls == [("norm_linear_triton", nl.MAX_ROWS), ("norm_linear_torch", nl.MAX_ROWS + 1)]
+
+
+def test_norm_linear_rope_under_torch_compile(interp, monkeypatch):
+    """``convgpt::norm_linear_rope`` in one graph for every size, choosing by rows at run time."""
+    calls = _record_runs(monkeypatch, nl, "norm_linear_triton", "norm_linear_torch")
+    big = nl.MAX_ROWS + 3
+    x, r, nw, w = _nl_case(big, 64, 64, False)
+    qw, kw, pos, cs = _rope_case(big, 16, 2, 1)
+    f = torch.float32
+    torch._dynamo.reset()
+    fn = torch.compile(lambda a, b, p: nl.norm_linear(a, b, nw.to(f), 1e-6, w.to(f), rope=nl.QKRope(
+        qw.to(f), kw.to(f), 1e-6, cs.to(f), p, 2, 1)), fullgraph=True, backend="aot_eager")
+    sizes = (4, big, 9)
+    outs = _one_graph_for_every_size(fn, [(x[:m].to(f), r[:m].to(f), pos[:m]) for m in sizes])
+    for m, (y, _) in zip(sizes, outs):
+        qkv, _ = _nl_reference(x[:m], r[:m], nw, 1e-6, w, False)
+        want = _qk_rope_reference(qkv, qw, kw, 1e-6, pos[:m], 2, 1)
+        torch.testing.assert_close(y.double(), want, rtol=2e-5, atol=2e-5)
+    assert calls == [("norm_linear_triton" if m <= nl.MAX_ROWS else "norm_linear_torch", m) for m in sizes]
+
+
+def test_norm_linear_rope_rejects_what_does_not_fit(interp):
+    x, r, nw, w = _nl_case(3, 64, 64, False)  # 64 columns: 2 q + 2 x 1 kv heads of 16
+    f = torch.float32
+    good = _qk_rope(3, 16, 2, 1, dtype=f)
+    with pytest.raises(ValueError, match="heads of 16 do not fit 64"):
+        nl.norm_linear_triton(x.to(f), None, nw.to(f), 1e-6, w.to(f), rope=good._replace(q_heads=3))
+    with pytest.raises(ValueError, match="positions"):
+        nl.norm_linear_triton(x.to(f), None, nw.to(f), 1e-6, w.to(f), rope=good._replace(positions=good.positions[:2]))
+    with pytest.raises(ValueError, match="cos/sin rows"):
+        nl.norm_linear_triton(x.to(f), None, nw.to(f), 1e-6, w.to(f), rope=good._replace(cos_sin=good.cos_sin[:, :8]))
+    with pytest.raises(ValueError, match="not a SwiGLU"):
+        nl.norm_linear_triton(x.to(f), None, nw.to(f), 1e-6, w.to(f), swiglu=True, rope=good)
+
+
+class _Rotary:
+    """The attributes both engines' RotaryEmbedding carry."""
+
+    def __init__(self, hd, rotary_dim=None, neox=True):
+        self.head_size, self.rotary_dim, self.is_neox_style = hd, rotary_dim or hd, neox
+        self.cos_sin_cache = _rope_case(1, hd, 1, 1)[3].float()
+
+
+def test_qk_rope_of_takes_whole_head_neox_rotary_only(monkeypatch):
+    w = torch.ones(16)
+    pos = torch.arange(3)
+    got = nl.qk_rope_of((w, 1e-6), w, _Rotary(16), pos, 2, 1)
+    assert got is not None and (got.head_dim, got.q_heads, got.kv_heads) == (16, 2, 1)
+    assert nl.qk_rope_of((w, 1e-6), w, _Rotary(16, rotary_dim=8), pos, 2, 1) is None  # partial rotary
+    assert nl.qk_rope_of((w, 1e-6), w, _Rotary(16, neox=False), pos, 2, 1) is None  # GPT-J style pairs
+    assert nl.qk_rope_of((w, 1e-6), w, object(), pos, 2, 1) is None  # no cos/sin table
+    monkeypatch.setenv("CONVGPT_QK_ROPE", "0")
+    assert nl.qk_rope_of((w, 1e-6), w, _Rotary(16), pos, 2, 1) is None
+
+
 @pytest.mark.parametrize("residual", [True, False], ids=["add", "first-layer"])
 def test_fused_decoder_layer_composes_both_sublayers(interp, residual):
     """What the adapters run per layer: norm1 + q/k/v, attention (a stand-in here), the add,
@@ -514,13 +640,13 @@ def test_fused_decoder_layer_composes_both_sublayers(interp, residual):
     _, _, nw2, wgu = _nl_case(5, 144, 40, True)
     wd = _nl_case(5, 40, 144, False)[3]
     f = torch.float32
-    attend = lambda qkv: qkv[..., :160] * 0.5  # noqa: E731 - q/k/v -> the heads' output
+    attend = lambda qkv, roped: qkv[..., :160] * 0.5  # noqa: E731 - q/k/v -> the heads' output
     o_proj = lambda heads: heads[..., :144] - heads[..., 16:]  # noqa: E731 - back to D wide
     down = lambda act: act @ wd.to(act.dtype).T  # noqa: E731
     y, s = nl.fused_decoder_layer(x.to(f), r.to(f) if residual else None, (nw1.to(f), 1e-6), wqkv.to(f), attend,
                                   o_proj, (nw2.to(f), 1e-6), wgu.to(f), down)
     qkv, s1 = _nl_reference(x, r if residual else None, nw1, 1e-6, wqkv, False)
-    act, want_s = _nl_reference(o_proj(attend(qkv)), s1, nw2, 1e-6, wgu, True)
+    act, want_s = _nl_reference(o_proj(attend(qkv, False)), s1, nw2, 1e-6, wgu, True)
     torch.testing.assert_close(y.double(), down(act), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s.double(), want_s, rtol=1e-5, atol=1e-5)
 
@@ -532,6 +658,13 @@ def test_gpu_norm_linear_matches_float64(gpu, M, swiglu, dtype):
     # the published geometry's shapes: D = 144 into q+k+v (4096) or gate/up (2 x 3072)
     _nl_check(dtype, "cuda", M, 144, 3072 if swiglu else 4096, swiglu, True)
     _nl_check(dtype, "cuda", M, 144, 3072 if swiglu else 4096, swiglu, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M", [1, 16, 64, 100, 256, 2048])
+def test_gpu_norm_linear_rope_matches_float64(gpu, M, dtype):
+    # the published q+k+v: 16 q and 8 kv heads of 128 from D = 144; 2048 rows: the unfused path
+    _rope_check(lambda *a: nl.norm_linear(*a[:5], rope=a[5]), dtype, "cuda", M, 144, 128, 16, 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -638,7 +771,7 @@ def test_fused_decoder_layer_with_narrow_linears(interp):
     _, _, nw2, wgu = _nl_case(5, 144, 40, True)
     wo, wd = _nar_case(5, 288, 144)[1], _nar_case(5, 40, 144)[1]
     f = torch.float32
-    y, s = nl.fused_decoder_layer(x.to(f), r.to(f), (nw1.to(f), 1e-6), wqkv.to(f), lambda qkv: qkv,
+    y, s = nl.fused_decoder_layer(x.to(f), r.to(f), (nw1.to(f), 1e-6), wqkv.to(f), lambda qkv, roped: qkv,
                                   lambda heads: nar.narrow_linear(heads, wo.to(f)), (nw2.to(f), 1e-6), wgu.to(f),
                                   lambda act: nar.narrow_linear(act, wd.to(f)))
     qkv, s1 = _nl_reference(x, r, nw1, 1e-6, wqkv, False)
@@ -649,27 +782,36 @@ def test_fused_decoder_layer_with_narrow_linears(interp):
 
 class _Layer:
     """The fused layer as the adapters run it (``nl.fused_decoder_layer`` with ``narrow_linear``
-    back to the stream; attention stood in by q/k/v's first ``heads`` columns), bfloat16-exact
-    inputs for up to ``rows`` tokens, and its float64 reference."""
+    back to the stream and the q/k norm + RoPE of ``rope_heads`` = (head_dim, q heads, kv heads)
+    over the q+k+v columns; attention stood in by q/k/v's first ``heads`` columns),
+    bfloat16-exact inputs for up to ``rows`` tokens, and its float64 reference."""
 
-    def __init__(self, rows: int, qkv: int, heads: int, inner: int, **to):
-        self.x, self.r, self.nw1, self.wqkv = _nl_case(rows, 144, qkv, False)
+    def __init__(self, rows: int, rope_heads: tuple[int, int, int], heads: int, inner: int, **to):
+        self.hd, self.nq, self.nkv = rope_heads
+        self.x, self.r, self.nw1, self.wqkv = _nl_case(rows, 144, (self.nq + 2 * self.nkv) * self.hd, False)
         _, _, self.nw2, self.wgu = _nl_case(rows, 144, inner, True)
         self.wo, self.wd = _nar_case(5, heads, 144)[1], _nar_case(5, inner, 144)[1]
+        self.rope = _qk_rope(rows, self.hd, self.nq, self.nkv, **to)
         self.heads, self.to = heads, to
         self.p = [t.to(**to) for t in (self.nw1, self.wqkv, self.wo, self.nw2, self.wgu, self.wd)]
 
-    def __call__(self, h, res):
-        p = self.p
-        return nl.fused_decoder_layer(h, res, (p[0], 1e-6), p[1], lambda qkv: qkv[..., :self.heads],
+    def __call__(self, h, res, pos):
+        p, rope = self.p, self.rope._replace(positions=pos)
+
+        def attend(qkv, roped):  # an engine's own q/k norm + RoPE where the kernel left them out
+            return (qkv if roped else nl.qk_norm_rope_torch(qkv, rope))[..., :self.heads]
+
+        return nl.fused_decoder_layer(h, res, (p[0], 1e-6), p[1], attend,
                                       lambda heads: nar.narrow_linear(heads, p[2]), (p[3], 1e-6), p[4],
-                                      lambda act: nar.narrow_linear(act, p[5]))
+                                      lambda act: nar.narrow_linear(act, p[5]), rope)
 
     def inputs(self, m: int):
-        return self.x[:m].to(**self.to), self.r[:m].to(**self.to)
+        return self.x[:m].to(**self.to), self.r[:m].to(**self.to), self.rope.positions[:m]
 
     def assert_matches(self, m: int, y, s, tol: float) -> None:
         qkv, s1 = _nl_reference(self.x[:m], self.r[:m], self.nw1, 1e-6, self.wqkv, False)
+        qw, kw, pos, _ = _rope_case(self.x.shape[0], self.hd, self.nq, self.nkv)
+        qkv = _qk_rope_reference(qkv, qw, kw, 1e-6, pos[:m], self.nq, self.nkv)
         act, want_s = _nl_reference(qkv[:, :self.heads] @ self.wo.T, s1, self.nw2, 1e-6, self.wgu, True)
         torch.testing.assert_close(y.double().cpu(), act @ self.wd.T, rtol=tol, atol=tol)
         torch.testing.assert_close(s.double().cpu(), want_s, rtol=tol, atol=tol)
@@ -682,7 +824,7 @@ def test_gpu_fused_decoder_layer_under_inductor(gpu, monkeypatch, dtype):
     calls = _record_runs(monkeypatch, nl, "norm_linear_triton", "norm_linear_torch")
     _record_runs(monkeypatch, nar, "_kernel_or_cublas", calls=calls)
     big = 2 * nl.MAX_ROWS + 3
-    layer = _Layer(big, 2560, 2048, 3072, device="cuda", dtype=dtype)
+    layer = _Layer(big, (128, 12, 4), 2048, 3072, device="cuda", dtype=dtype)  # q: 12 heads, k: 4
     torch._dynamo.reset()
     fn = torch.compile(layer, fullgraph=True)
     sizes = (3, big, 64)
@@ -712,7 +854,7 @@ def _check_unfused_above_kernel_rows(monkeypatch, device, dtype):
     calls = _record_runs(monkeypatch, nl, "_kernel_or_torch")
     _record_runs(monkeypatch, nar, "_kernel_or_cublas", calls=calls)
     big = 2 * graph_pass.FUSED_UP_TO + 3
-    layer = _Layer(big, 384, 256, 320, device=device, dtype=dtype)
+    layer = _Layer(big, (32, 6, 3), 256, 320, device=device, dtype=dtype)  # q+k+v 384 wide; q and k: 256
     torch._dynamo.reset()
     sizes = (graph_pass.FUSED_UP_TO + 1, big)
     with torch._inductor.config.patch(post_grad_custom_post_pass=Unfuse(), force_disable_caches=True):

@@ -3,8 +3,8 @@
 Loaded through PYTHONPATH by ``judge.assert_decode_kernels_match_reference`` only, in the
 process it starts and in any engine process that one starts (SGLang's scheduler).  With
 ``CONVGPT_TEST_KERNEL_LOG`` set, each call of ``norm_linear_triton``, ``narrow_linear_triton``
-or ``norm_linear_torch`` (norm_linear's unfused path for large batches) appends that name and
-its rows to the file: the test then knows the engine went through the kernels and not around
+or ``norm_linear_torch`` (norm_linear's unfused path for large batches) appends that name
+(with ``+rope`` when the q/k norm and RoPE ride along) and its rows to the file: the test then knows the engine went through the kernels and not around
 them.  The functions themselves are untouched.
 """
 
@@ -18,8 +18,9 @@ if _LOG:
         launch = getattr(module, name)
 
         def run(*args, **kwargs):
-            with open(_LOG, "a") as f:
-                f.write(f"{name} {args[0].numel() // max(1, args[0].shape[-1])}\n")  # rows (tokens)
+            roped = (args[6] if len(args) > 6 else kwargs.get("rope")) is not None  # norm_linear's rope
+            with open(_LOG, "a") as f:  # name, rows (tokens)
+                f.write(f"{name}{'+rope' if roped else ''} {args[0].numel() // max(1, args[0].shape[-1])}\n")
             return launch(*args, **kwargs)
 
         setattr(module, name, run)

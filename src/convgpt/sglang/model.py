@@ -47,7 +47,7 @@ from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 from convgpt_core.kernels import compress, warm_up
 from convgpt_core.lora import fused_linear_dims
 from convgpt_core.narrow_linear import to_stream
-from convgpt_core.norm_linear import fused_decoder_layer, norm_linear_available
+from convgpt_core.norm_linear import QKRope, fused_decoder_layer, norm_linear_available, qk_rope_of
 
 logger = logging.getLogger(__name__)
 PAGED_PREFILL = "SGLANG_FLASHINFER_USE_PAGED"  # read by both versions' flashinfer backend at its start
@@ -181,13 +181,22 @@ class ConvGPTAttention(nn.Module):
         out, _ = self.o_proj(self.attend(positions, qkv, forward_batch))
         return out
 
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, forward_batch: ForwardBatch,
+               roped: bool = False) -> torch.Tensor:
+        """Attention over q/k/v; ``roped``: the q/k norm and RoPE are in ``qkv`` already
+        (:meth:`qk_rope`, in the q+k+v kernel)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        # SGLang's Qwen3 path: one fused in-place q/k RMSNorm kernel on CUDA (per-head norm
-        # otherwise); the generic RMSNorm over 128-wide rows was a third of prefill time.
-        q, k = apply_qk_norm(q, k, self.q_norm, self.k_norm, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
+        if not roped:
+            # SGLang's Qwen3 path: one fused in-place q/k RMSNorm kernel on CUDA (per-head norm
+            # otherwise); the generic RMSNorm over 128-wide rows was a third of prefill time.
+            q, k = apply_qk_norm(q, k, self.q_norm, self.k_norm, self.head_dim)
+            q, k = self.rotary_emb(positions, q, k)
         return self.attn(q, k, v, forward_batch)
+
+    def qk_rope(self, positions: torch.Tensor) -> QKRope | None:
+        """The q/k norm and RoPE for the q+k+v kernel's epilogue (None: run here)."""
+        return qk_rope_of((self.q_norm.weight, self.q_norm.variance_epsilon), self.k_norm.weight, self.rotary_emb,
+                          positions, self.num_heads, self.num_kv_heads)
 
 
 class ConvGPTDecoderLayer(nn.Module):
@@ -214,9 +223,10 @@ class ConvGPTDecoderLayer(nn.Module):
             attn, mlp = self.self_attn, self.mlp
             return fused_decoder_layer(
                 h, residual, (self.norm1.weight, self.norm1.variance_epsilon), attn.qkv_proj.weight,
-                lambda qkv: attn.attend(positions, qkv, forward_batch), to_stream(attn.o_proj, _plain(attn.o_proj)),
+                lambda qkv, roped: attn.attend(positions, qkv, forward_batch, roped),
+                to_stream(attn.o_proj, _plain(attn.o_proj)),
                 (self.norm2.weight, self.norm2.variance_epsilon), mlp.gate_up_proj.weight,
-                to_stream(mlp.down_proj, _plain(mlp.down_proj)),
+                to_stream(mlp.down_proj, _plain(mlp.down_proj)), attn.qk_rope(positions),
             )
         if residual is None:
             residual = h

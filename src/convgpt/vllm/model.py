@@ -61,10 +61,13 @@ from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 from convgpt_core.kernels import compress, warm_up
 from convgpt_core.narrow_linear import to_stream
 from convgpt_core.norm_linear import (
+    QKRope,
     fused_decoder_layer,
     norm_linear_available,
     norm_linear_torch,
     op_outputs,
+    qk_norm_rope_torch,
+    qk_rope_of,
     silu_mul_torch,
 )
 
@@ -137,14 +140,22 @@ class ConvGPTAttention(nn.Module):
         out, _ = self.o_proj(self.attend(positions, qkv))
         return out
 
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, roped: bool = False) -> torch.Tensor:
+        """Attention over q/k/v; ``roped``: the q/k norm and RoPE are in ``qkv`` already
+        (:meth:`qk_rope`, in the q+k+v kernel)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        # q/k norm per head, written as vLLM's Qwen3 writes it: the graph vLLM's optional
-        # q/k-norm + RoPE fusion pass (pass_config.enable_qk_norm_rope_fusion) looks for
-        q = self.q_norm(q.view(*q.shape[:-1], q.shape[-1] // self.head_dim, self.head_dim)).view(q.shape)
-        k = self.k_norm(k.view(*k.shape[:-1], k.shape[-1] // self.head_dim, self.head_dim)).view(k.shape)
-        q, k = self.rotary_emb(positions, q, k)
+        if not roped:
+            # q/k norm per head, written as vLLM's Qwen3 writes it: the graph vLLM's optional
+            # q/k-norm + RoPE fusion pass (pass_config.enable_qk_norm_rope_fusion) looks for
+            q = self.q_norm(q.view(*q.shape[:-1], q.shape[-1] // self.head_dim, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.view(*k.shape[:-1], k.shape[-1] // self.head_dim, self.head_dim)).view(k.shape)
+            q, k = self.rotary_emb(positions, q, k)
         return self.attn(q, k, v)
+
+    def qk_rope(self, positions: torch.Tensor) -> QKRope | None:
+        """The q/k norm and RoPE for the q+k+v kernel's epilogue (None: run here)."""
+        return qk_rope_of((self.q_norm.weight, self.q_norm.variance_epsilon), self.k_norm.weight, self.rotary_emb,
+                          positions, self.num_heads, self.num_kv_heads)
 
 
 class ConvGPTDecoderLayer(nn.Module):
@@ -172,9 +183,9 @@ class ConvGPTDecoderLayer(nn.Module):
             attn, mlp = self.self_attn, self.mlp
             return fused_decoder_layer(
                 h, residual, (self.norm1.weight, self.norm1.variance_epsilon), attn.qkv_proj.weight,
-                lambda qkv: attn.attend(positions, qkv), to_stream(attn.o_proj, _plain(attn.o_proj)),
+                lambda qkv, roped: attn.attend(positions, qkv, roped), to_stream(attn.o_proj, _plain(attn.o_proj)),
                 (self.norm2.weight, self.norm2.variance_epsilon), mlp.gate_up_proj.weight,
-                to_stream(mlp.down_proj, _plain(mlp.down_proj)),
+                to_stream(mlp.down_proj, _plain(mlp.down_proj)), attn.qk_rope(positions),
             )
         if residual is None:
             residual = h
@@ -286,7 +297,8 @@ class UnfuseAboveKernelRows(InductorPass):
 
     def uuid(self) -> str:
         return self.hash_source(self, graph_pass.unfuse_ops, graph_pass._replacement, graph_pass._norm_linear_aten,
-                                norm_linear_torch, silu_mul_torch, op_outputs, str(graph_pass.FUSED_UP_TO))
+                                graph_pass._norm_linear_rope_aten, norm_linear_torch, qk_norm_rope_torch,
+                                silu_mul_torch, op_outputs, str(graph_pass.FUSED_UP_TO))
 
 
 def split_compile_at_kernel_rows(vllm_config: VllmConfig) -> bool:
