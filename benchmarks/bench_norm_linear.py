@@ -9,6 +9,10 @@ The two places a ConvGPT layer reads its D = 144 stream (published geometry):
 cuBLAS GEMM, and (gate_up) Inductor's SiLU*mul kernel (torch.compile, default mode, static
 shapes); "fused" is ``convgpt_core.norm_linear`` (one kernel).  Also the fused kernel's
 column-block sweep, to check the tile heuristic.
+  qkv_rope the qkv site with the q/k norm and RoPE after it (16 q, 8 kv heads of 128):
+           the engine's are Inductor's kernels for the per-head RMSNorms and the rotation
+           (vLLM's compiled Qwen3 without its optional fusion pass); the fused kernel takes a
+           head per program, swept over row blocks and warps.
 
 Back to the stream: o_proj (W: 144 x 2048) and down (144 x 3072) as ``narrow_linear`` (the
 split-K kernel) against cuBLAS (``F.linear``), with a sweep of the K split.
@@ -53,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".")
     ap.add_argument("--batches", default="1,2,4,8,16,32,64,128,256,512,1024")
-    ap.add_argument("--only", choices=["norm_linear", "narrow_linear"], default=None)
+    ap.add_argument("--only", choices=["norm_linear", "narrow_linear", "qkv_rope"], default=None)
     ap.add_argument("--tiles", default=None, help="row counts for the full tile sweep (replaces the rest)")
     args = ap.parse_args()
     import torch
@@ -88,6 +92,9 @@ def main() -> None:
     if args.tiles:
         tile_sweep([int(m) for m in args.tiles.split(",")], timed, logger("tiles"),
                    lambda rows: save("tiles", rows))
+        return
+    if args.only == "qkv_rope":
+        qkv_rope(batches, timed, logger("qkv_rope"), lambda rows: save("qkv_rope", rows))
         return
     if args.only != "norm_linear":
         say, rows = logger("narrow_linear"), []
@@ -135,6 +142,67 @@ def main() -> None:
             say(f"{name:<9}{m:>6}{eng:>9.2f}{fused:>8.2f}{fused / eng:>7.2f}   "
                 + " ".join(f"{sweep[b]:.2f}" for b in (32, 64, 128)) + f"  (picked {tiles[1]})")
             save("norm_linear", rows)
+    qkv_rope(batches, timed, logger("qkv_rope"), lambda rows: save("qkv_rope", rows))
+
+
+Q_HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128
+
+
+def engine_qkv_rope(h, residual, nw, w, qw, kw, cos_sin, positions):
+    """The qkv site as vLLM's compiled Qwen3 runs it: add + RMSNorm, GEMM, then per-head q/k
+    RMSNorm (rounded to the model dtype) and neox RoPE from the cos | sin table."""
+    import torch
+
+    y, s = engine_path(h, residual, nw, w, False)
+    q, k, v = y.split([Q_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
+    cos, sin = cos_sin.index_select(0, positions)[:, None, :].chunk(2, dim=-1)
+
+    def norm_rope(t, weight, heads):
+        t = t.reshape(-1, heads, HEAD_DIM).float()
+        t = ((t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype) * weight).float()
+        t1, t2 = t.chunk(2, dim=-1)
+        return torch.cat((t1 * cos - t2 * sin, t2 * cos + t1 * sin), dim=-1).to(h.dtype).flatten(1)
+
+    return torch.cat((norm_rope(q, qw, Q_HEADS), norm_rope(k, kw, KV_HEADS), v), dim=-1), s
+
+
+def qkv_rope(batches: list[int], timed, say, save) -> None:
+    """The qkv site with the q/k norm and RoPE: the engine's kernels against norm_linear's
+    RoPE epilogue, with the fused kernel's row-block x warps sweep."""
+    import torch
+
+    from convgpt_core import norm_linear as nl
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    n = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM
+    w = torch.randn(n, D, device=dev, dtype=dt) / D**0.5
+    nw, qw, kw = ((1 + 0.1 * torch.randn(d, device=dev)).to(dt) for d in (D, HEAD_DIM, HEAD_DIM))
+    inv = 10000.0 ** (-torch.arange(0, HEAD_DIM, 2, device=dev, dtype=torch.float32) / HEAD_DIM)
+    ang = torch.arange(8192, device=dev, dtype=torch.float32)[:, None] * inv[None, :]
+    cos_sin = torch.cat((ang.cos(), ang.sin()), dim=-1)  # float32, as SGLang keeps it on CUDA
+    compiled = torch.compile(engine_qkv_rope, dynamic=False)
+    sweep_tiles = [(bm, wp) for bm in (16, 32, 64) for wp in (4, 8)]
+    rows = []
+    say(f"{'M':>6}{'engine':>9}{'fused':>8}{'ratio':>7}   fused by (BLOCK_M, warps): "
+        + " ".join(f"{bm}/{wp}" for bm, wp in sweep_tiles))
+    for m in batches:
+        torch._dynamo.reset()
+        h, r = (torch.randn(m, D, device=dev, dtype=dt) for _ in range(2))
+        pos = torch.randint(0, 8192, (m,), device=dev)
+        rope = nl.QKRope(qw, kw, 1e-6, cos_sin, pos, Q_HEADS, KV_HEADS)
+        want, want_s = compiled(h, r, nw, w, qw, kw, cos_sin, pos)
+        y, s = nl.norm_linear_triton(h, r, nw, 1e-6, w, rope=rope)
+        torch.testing.assert_close(y, want, rtol=3e-2, atol=3e-2)
+        assert torch.equal(s, want_s)
+        eng = timed(compiled, h, r, nw, w, qw, kw, cos_sin, pos)
+        fused = timed(nl.norm_linear_triton, h, r, nw, 1e-6, w, rope=rope)
+        sweep = {f"{bm}/{wp}": timed(nl.norm_linear_triton, h, r, nw, 1e-6, w, rope=rope, block_m=bm, num_warps=wp,
+                                     rep=30) for bm, wp in sweep_tiles}
+        tiles = nl._tiles(m, False, HEAD_DIM // 2)
+        rows.append(dict(site="qkv_rope", m=m, engine_us=eng, fused_us=fused, fused_by_tile=sweep, heuristic=tiles))
+        say(f"{m:>6}{eng:>9.2f}{fused:>8.2f}{fused / eng:>7.2f}   " + " ".join(f"{v:.2f}" for v in sweep.values())
+            + f"  (picked {tiles[0]}/{tiles[2]})")
+        save(rows)
 
 
 NORM_TILES = [(bm, bn, w) for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for w in (4, 8)]
