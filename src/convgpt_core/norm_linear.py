@@ -318,7 +318,9 @@ def norm_linear_triton(
         if swiglu:
             raise ValueError("norm_linear: q/k norm + RoPE applies to a q+k+v weight, not a SwiGLU one")
         rope.check(_rows(x), N)
-        rope = rope._replace(positions=rope.positions.reshape(-1).contiguous())
+        rope = rope._replace(q_weight=rope.q_weight.contiguous(), k_weight=rope.k_weight.contiguous(),
+                             cos_sin=rope.cos_sin if rope.cos_sin.stride(-1) == 1 else rope.cos_sin.contiguous(),
+                             positions=rope.positions.reshape(-1).contiguous())  # the kernel reads them densely
     lead = x.shape[:-1]
     y = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
     s = None if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
