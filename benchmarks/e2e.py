@@ -7,7 +7,11 @@ cache off, no detokenization: the benchmark tokenizer is smaller than the models
 turning ids it lacks into text costs ~45 us a token in the engine's front end; SGLang with
 flashinfer attention on CUDA), then every measurement alternates
 A/B/A/B ``--rounds`` times.  Reported per measurement: each model's median throughput and
-the median of the per-round ratios ConvGPT / twin with its min-max.
+the median of the per-round ratios ConvGPT / twin with its min-max.  Before every timed sample
+the benchmark times a fixed piece of pure-Python work in its own process (the "host probe"):
+the table shows its spread over the rounds and says when the host's speed varied by more than
+a quarter, which makes every wall-clock ratio of that run doubtful (round 15: the twin's batch-256
+decode at 26-37k tok/s where round 12's host gave 44-55k).
 
 * prefill: N x L-token prompts, 1 output token each -> prompt tokens / s;
 * decode at batch B: B prompts of P tokens, T output tokens; decode tok/s = B * (T - 1) /
@@ -137,6 +141,34 @@ class Bench:
         return len(batch) / steady_step_s(self.engine.step_marks(batch, self.args.decode_tokens), len(batch))
 
 
+PROBE_SPREAD = 1.25  # slowest / fastest host probe of a measurement above which the table warns
+
+
+def host_probe_ms() -> float:
+    """ms for a fixed piece of pure-Python work on this process's CPU: its speed as the host
+    gives it at that moment (the engines' own processes share the host, not this number)."""
+    t = time.perf_counter()
+    acc = 0
+    for i in range(200_000):
+        acc += i * i
+    return (time.perf_counter() - t) * 1e3
+
+
+def probe_line(probes: dict[str, list[float]]) -> str | None:
+    """The host-probe summary of one measurement's samples (None without probes), with a
+    warning when its slowest sample took more than PROBE_SPREAD x its fastest."""
+    every = [v for n in MODELS for v in probes.get(n, [])]
+    if not every:
+        return None
+    spread = max(every) / min(every)
+    text = "  host probe ms, " + ", ".join(
+        f"{n} {statistics.median(probes[n]):.1f} ({min(probes[n]):.1f}-{max(probes[n]):.1f})" for n in MODELS
+        if probes.get(n))
+    if spread > PROBE_SPREAD:
+        text += f"; the host's speed varied {spread:.2f}x over the rounds: these wall ratios are doubtful"
+    return text
+
+
 def summary(samples: dict[str, list[float]]) -> dict:
     """Medians and the per-round ratio's median and min-max, over the rounds in which both
     models' throughputs are valid (finite, positive); the others are counted, not used."""
@@ -196,12 +228,13 @@ def run(args, paths: dict[str, str]) -> dict:
         b.timed(b.prompts(4, 64), 8)
     result = {"engine_start_s": {n: b.start_s for n, b in benches.items()}, "measurements": {}}
     for label, kind, batch, length in measurements(args):
-        samples = {n: [] for n in MODELS}
+        samples, probes = {n: [] for n in MODELS}, {n: [] for n in MODELS}
         inputs = {n: b.prompts(batch, length) for n, b in benches.items()}
         for _ in range(args.rounds):  # A/B/A/B
             for n in MODELS:
+                probes[n].append(host_probe_ms())
                 samples[n].append(getattr(benches[n], kind)(inputs[n]))
-        result["measurements"][label] = summary(samples)
+        result["measurements"][label] = dict(summary(samples), host_probe_ms=probes)
         print(label, json.dumps(result["measurements"][label]), file=sys.stderr, flush=True)
     if args.trace:
         result["host_traces"] = host_traces(args, benches, os.path.abspath(args.trace))
@@ -333,6 +366,9 @@ def table(data: dict) -> str:
         lines.append(f"{label:<22}{c:>15,.0f}{t:>13,.0f}{r['ratio_median']:>14.2f}"
                      f"{r['ratio_min']:>8.2f}-{r['ratio_max']:.2f}"
                      + (f"  ({r['invalid_rounds']} invalid round(s) left out)" if r["invalid_rounds"] else ""))
+        probe = probe_line(m[label].get("host_probe_ms", {}))
+        if probe:
+            lines.append(probe)
     starts = data["result"]["engine_start_s"]
     lines.append(f"engine start s: ConvGPT {starts['convgpt']:.0f}, twin {starts['twin']:.0f}; "
                  f"{data['args']['rounds']} interleaved rounds")

@@ -228,3 +228,23 @@ def test_both_forms_of_vllms_step_mark_are_read():
     detailed = "execute_4_context_0(sq0sk0sqsq0sqsk0)_generation_4(sq4sk520sqsq4sqsk520)"
     assert steptrace._step_sizes(detailed) == (0, 0, 4, 4)
     assert steptrace._step_sizes("execute_model") is None
+
+
+def test_benchmark_table_warns_when_the_host_speed_varied():
+    # the host probe before every sample: a steady host gives its spread alone; a host whose speed
+    # changed by more than PROBE_SPREAD over the rounds makes the table call that measurement doubtful
+    import e2e
+
+    assert e2e.host_probe_ms() > 0
+    tok_s = {"convgpt": [7000.0, 8000.0, 9000.0], "twin": [4000.0, 3000.0, 5000.0]}
+    steady = {"convgpt": [10.0, 10.5, 10.2], "twin": [10.1, 10.3, 10.0]}
+    noisy = {"convgpt": [10.0, 21.0, 10.2], "twin": [10.1, 10.3, 10.0]}
+    result = {"measurements": {"decode b8": {"tok_s": tok_s, "host_probe_ms": steady},
+                               "decode b1": {"tok_s": tok_s, "host_probe_ms": noisy},
+                               "prefill 4x64": {"tok_s": tok_s}},  # a result written before the probe
+              "engine_start_s": {"convgpt": 1.0, "twin": 1.0}}
+    lines = e2e.table({"args": {"rounds": 3}, "result": result}).splitlines()
+    probe = {lines[i - 1].split()[1]: line for i, line in enumerate(lines) if "host probe" in line}
+    assert set(probe) == {"b8", "b1"}
+    assert "convgpt 10.2 (10.0-10.5), twin 10.1 (10.0-10.3)" in probe["b8"] and "doubtful" not in probe["b8"]
+    assert "varied 2.10x" in probe["b1"] and "doubtful" in probe["b1"]
