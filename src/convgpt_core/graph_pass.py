@@ -1,8 +1,8 @@
 """A compiled-graph pass: the custom ops' unfused torch path, written into graphs that only
 ever see more rows than the kernels take.
 
-Under ``torch.compile`` the adapters call ``convgpt::norm_linear`` and
-``convgpt::narrow_linear``: opaque ops, so one graph serves every batch size and each call
+Under ``torch.compile`` the adapters call ``convgpt::norm_linear`` (``norm_linear_rope`` at
+the q+k+v site) and ``convgpt::narrow_linear``: opaque ops, so one graph serves every batch size and each call
 chooses by rows when it runs (the kernels up to their row limits, the unfused ops above).
 Above the limits that choice is paid for on the host: every call goes through the
 dispatcher into Python and launches the unfused ops one by one from there, 128 calls per
@@ -11,8 +11,8 @@ prefill waited on exactly that host time (round 7: the GPU idle 174 of 219 ms).
 
 An engine that compiles a separate graph for token counts above :data:`FUSED_UP_TO` (vLLM:
 compile ranges) runs :func:`unfuse_ops` on that graph: each op call is replaced by the aten
-ops of its unfused path (residual add, RMSNorm, the GEMM, SiLU*mul; the plain GEMM for
-``narrow_linear``), which Inductor then fuses and launches from its generated code, as it
+ops of its unfused path (residual add, RMSNorm, the GEMM, SiLU*mul or the q/k norm and
+RoPE; the plain GEMM for ``narrow_linear``), which Inductor then fuses and launches from its generated code, as it
 does for the engine's own Qwen3.  Graphs for smaller counts keep the ops.
 """
 

@@ -89,9 +89,11 @@ class QKRope(NamedTuple):
         if hd % 2 or self.k_weight.shape != (hd,) or self.cos_sin.dim() != 2 or self.cos_sin.shape[1] != hd:
             raise ValueError(f"q/k norm + RoPE: q/k norm weights {tuple(self.q_weight.shape)}, "
                              f"{tuple(self.k_weight.shape)} and cos/sin rows {tuple(self.cos_sin.shape)} do not fit")
-        if (self.q_heads + 2 * self.kv_heads) * hd != width or self.positions.numel() != rows:
+        if (self.q_heads + 2 * self.kv_heads) * hd != width:
             raise ValueError(f"q/k norm + RoPE: {self.q_heads} q + 2 x {self.kv_heads} kv heads of {hd} do not "
-                             f"fit {width} q+k+v columns, or {self.positions.numel()} positions {rows} rows")
+                             f"fit {width} q+k+v columns")
+        if self.positions.numel() != rows:
+            raise ValueError(f"q/k norm + RoPE: {self.positions.numel()} positions for {rows} rows")
 
 
 # --------------------------------------------------------------------------------------
