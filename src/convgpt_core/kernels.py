@@ -39,6 +39,10 @@ try:  # pragma: no cover - depends on the environment
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
+try:  # grid dependency control (triton 3.3+): without it the kernels launch without PDL
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover
+    gdc_launch_dependents = gdc_wait = None
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -160,6 +164,32 @@ def jitted(src):
     if k is None:
         k = _JITTED[key] = triton.jit(src)
     return k
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def pdl(x: torch.Tensor) -> bool:
+    """True when the decode kernels (:mod:`convgpt_core.norm_linear`,
+    :mod:`convgpt_core.narrow_linear`) launch on ``x``'s device with programmatic dependent
+    launch: CUDA on Hopper or newer, not the interpreter, and ``CONVGPT_PDL`` not ``0``.
+
+    A kernel launched so may start while the kernel before it on the stream is finishing: it
+    loads what no earlier kernel writes (its weights), then waits (``gdc_wait``) until the
+    kernels before it have completed and their writes are visible, and only then reads its
+    inputs or writes anything.  Right after that wait it lets the next such kernel start.  In
+    a decode step's chain of small kernels this hides each launch and weight load behind the
+    previous kernel's tail; CUDA graphs keep the dependency when they capture the launch."""
+    return (
+        x.is_cuda
+        and not _interpreting()
+        and torch.version.cuda is not None
+        and gdc_wait is not None
+        and os.environ.get("CONVGPT_PDL", "1") != "0"
+        and _capability(x.device)[0] >= 9
+    )
 
 
 @functools.cache

@@ -33,7 +33,17 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .kernels import _interpreting, jitted, kernel_takes, register_op, tl, triton
+from .kernels import (
+    _interpreting,
+    gdc_launch_dependents,
+    gdc_wait,
+    jitted,
+    kernel_takes,
+    pdl,
+    register_op,
+    tl,
+    triton,
+)
 from .norm_linear import _as_rows, _rows
 
 BLOCK_N = 16  # output columns per program: D = 144 is nine blocks
@@ -60,12 +70,14 @@ def _narrow_linear_src(
     M, N, K, stride_x, stride_w, stride_y,
     K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
     """y[m, n] = x[m] . w[n].  Program (i, j, s) covers rows i*BLOCK_M.., columns j*BLOCK_N..
     and K from s*K_PER_SPLIT (a multiple of BLOCK_K; a constant, so that the interpreter, too,
     loops over a plain integer).  With SPLIT > 1 it writes its fp32 tile to part[s], and the
-    tile's last program sums part[0..SPLIT) into y."""
+    tile's last program sums part[0..SPLIT) into y.  With PDL it loads its first block of w,
+    then waits for the kernels before it (:func:`convgpt_core.kernels.pdl`) before it touches
+    x, y, the partials or the counters."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -79,7 +91,15 @@ def _narrow_linear_src(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
-    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+    if PDL:  # the first block of w while the kernel before finishes; x and the rest after it
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        b = tl.load(w_ptr + cols[None, :] * stride_w + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        gdc_wait()
+        gdc_launch_dependents()
+        a = tl.load(x_ptr + rows[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(a.to(dot_ty), b.to(dot_ty), acc, input_precision=PRECISION)
+    for k0 in range(BLOCK_K if PDL else 0, K_PER_SPLIT, BLOCK_K):
         offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         a = tl.load(x_ptr + rows[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -171,12 +191,13 @@ def narrow_linear_triton(
         split, k_per_split = 1, triton.cdiv(K, bk) * bk
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     upcast = _interpreting() and x.dtype != torch.float32  # the interpreter multiplies 16-bit tiles as integers
+    on = pdl(x2)
     jitted(_narrow_linear_src)[(triton.cdiv(M, bm), triton.cdiv(N, bn), split)](
         x2, weight, y.view(-1, N), part, _counters(x.device),
         M, N, K, x2.stride(0), weight.stride(0), N,
         K_PER_SPLIT=k_per_split, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
-        num_warps=nw, num_stages=3,
+        PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast, PDL=on,
+        num_warps=nw, num_stages=3, **({"launch_pdl": True} if on else {}),
     )
     return y
 

@@ -37,7 +37,18 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .kernels import _d_blocks, _interpreting, jitted, kernel_takes, register_op, tl, triton
+from .kernels import (
+    _d_blocks,
+    _interpreting,
+    gdc_launch_dependents,
+    gdc_wait,
+    jitted,
+    kernel_takes,
+    pdl,
+    register_op,
+    tl,
+    triton,
+)
 
 MAX_K = 512  # rows of the stream are held in registers: D up to this width
 # Up to this many rows (tokens) the kernel runs; more take the unfused ops (cuBLAS for the
@@ -109,7 +120,7 @@ def _norm_linear_src(
     HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
     ROPE: tl.constexpr, HALF: tl.constexpr, Q_HEADS: tl.constexpr, NORM_HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
     """y[m, n] = rmsnorm(x[m] (+ r[m])) . w[n]  (n < N; with SWIGLU: silu(. w[n]) * (. w[N + n]));
     s[m] = x[m] + r[m] written by the programs of column block 0.  K is covered by a block of
@@ -119,15 +130,60 @@ def _norm_linear_src(
     BLOCK_N >= HALF columns from the head's start) and second half (HALF further on).  Heads
     below NORM_HEADS (q heads, then k heads) get their RMSNorm over the head (weight qw for
     the first Q_HEADS, kw after) and neox RoPE at the row's position (cs: cos | sin rows);
-    v heads are stored as they come."""
+    v heads are stored as they come.
+
+    With PDL (programmatic dependent launch, :func:`convgpt_core.kernels.pdl`) the program
+    loads its weights, then waits for the kernels before it: nothing it reads or writes after
+    that wait may be touched before it (positions, x, the residual, y, s)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     rows = offs_m.to(tl.int64)
-
     offs_a = tl.arange(0, K_A)
     mask_a = offs_a < K
+    if K_B > 0:
+        offs_b = K_A + tl.arange(0, K_B)
+        mask_b = offs_b < K
+    if ROPE:  # a head's two halves
+        offs_h = tl.arange(0, BLOCK_N)
+        mask_n = offs_h < HALF
+        offs_n = pid_n * (2 * HALF) + offs_h
+        offs_2 = offs_n + HALF
+    else:  # SWIGLU: the gate columns and the matching up columns
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_2 = offs_n + N
+
+    # first what no earlier kernel writes: the weights (with PDL, while that kernel finishes)
+    dot_ty = tl.float32 if UPCAST else w_ptr.dtype.element_ty
+    cols = offs_n.to(tl.int64)
+    wa = tl.load(w_ptr + cols[None, :] * stride_w + offs_a[:, None], mask=mask_a[:, None] & mask_n[None, :], other=0.0)
+    na = tl.load(nw_ptr + offs_a, mask=mask_a, other=0.0).to(tl.float32)
+    if K_B > 0:
+        wb = tl.load(w_ptr + cols[None, :] * stride_w + offs_b[:, None], mask=mask_b[:, None] & mask_n[None, :], other=0.0)
+        nb = tl.load(nw_ptr + offs_b, mask=mask_b, other=0.0).to(tl.float32)
+    if SWIGLU or ROPE:
+        cols_2 = offs_2.to(tl.int64)
+        ua = tl.load(w_ptr + cols_2[None, :] * stride_w + offs_a[:, None], mask=mask_a[:, None] & mask_n[None, :], other=0.0)
+        if K_B > 0:
+            ub = tl.load(w_ptr + cols_2[None, :] * stride_w + offs_b[:, None], mask=mask_b[:, None] & mask_n[None, :], other=0.0)
+    if ROPE:  # the head's q or k norm weight
+        is_q = pid_n < Q_HEADS
+        w_1 = tl.where(is_q, tl.load(qw_ptr + offs_h, mask=mask_n, other=0.0),
+                       tl.load(kw_ptr + offs_h, mask=mask_n, other=0.0)).to(tl.float32)
+        w_2 = tl.where(is_q, tl.load(qw_ptr + HALF + offs_h, mask=mask_n, other=0.0),
+                       tl.load(kw_ptr + HALF + offs_h, mask=mask_n, other=0.0)).to(tl.float32)
+    if PDL:  # the earlier kernels' writes are visible from here on; the next kernel may start
+        gdc_wait()
+        gdc_launch_dependents()
+    if ROPE:  # each row's cos | sin, loaded before the GEMM (they do not depend on it)
+        pos = tl.load(pos_ptr + rows, mask=mask_m, other=0).to(tl.int64)
+        cs_rows = cs_ptr + pos[:, None] * stride_cs + offs_h[None, :]
+        cs_mask = mask_m[:, None] & mask_n[None, :]
+        cos = tl.load(cs_rows, mask=cs_mask, other=0.0).to(tl.float32)
+        sin = tl.load(cs_rows + HALF, mask=cs_mask, other=0.0).to(tl.float32)
+
     xa = tl.load(x_ptr + rows[:, None] * stride_x + offs_a[None, :], mask=mask_m[:, None] & mask_a[None, :], other=0.0)
     if HAS_RES:
         ra = tl.load(r_ptr + rows[:, None] * stride_r + offs_a[None, :], mask=mask_m[:, None] & mask_a[None, :], other=0.0)
@@ -137,8 +193,6 @@ def _norm_linear_src(
     xa = xa.to(tl.float32)
     sq = tl.sum(xa * xa, axis=1)
     if K_B > 0:
-        offs_b = K_A + tl.arange(0, K_B)
-        mask_b = offs_b < K
         xb = tl.load(x_ptr + rows[:, None] * stride_x + offs_b[None, :], mask=mask_m[:, None] & mask_b[None, :], other=0.0)
         if HAS_RES:
             rb = tl.load(r_ptr + rows[:, None] * stride_r + offs_b[None, :], mask=mask_m[:, None] & mask_b[None, :], other=0.0)
@@ -150,34 +204,14 @@ def _norm_linear_src(
     rstd = 1.0 / tl.sqrt(sq / K + eps)
 
     # normalise and scale in float32, round to the weights' dtype for the tensor-core dots
-    dot_ty = tl.float32 if UPCAST else w_ptr.dtype.element_ty
-    na = tl.load(nw_ptr + offs_a, mask=mask_a, other=0.0).to(tl.float32)
     xa = (xa * rstd[:, None] * na[None, :]).to(w_ptr.dtype.element_ty).to(dot_ty)
-    if K_B > 0:
-        nb = tl.load(nw_ptr + offs_b, mask=mask_b, other=0.0).to(tl.float32)
-        xb = (xb * rstd[:, None] * nb[None, :]).to(w_ptr.dtype.element_ty).to(dot_ty)
-
-    if ROPE:  # a head's two halves
-        offs_h = tl.arange(0, BLOCK_N)
-        mask_n = offs_h < HALF
-        offs_n = pid_n * (2 * HALF) + offs_h
-        offs_2 = offs_n + HALF
-    else:  # SWIGLU: the gate columns and the matching up columns
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        offs_2 = offs_n + N
-    cols = offs_n.to(tl.int64)
-    wa = tl.load(w_ptr + cols[None, :] * stride_w + offs_a[:, None], mask=mask_a[:, None] & mask_n[None, :], other=0.0)
     acc = tl.dot(xa, wa.to(dot_ty), input_precision=PRECISION)
     if K_B > 0:
-        wb = tl.load(w_ptr + cols[None, :] * stride_w + offs_b[:, None], mask=mask_b[:, None] & mask_n[None, :], other=0.0)
+        xb = (xb * rstd[:, None] * nb[None, :]).to(w_ptr.dtype.element_ty).to(dot_ty)
         acc = tl.dot(xb, wb.to(dot_ty), acc, input_precision=PRECISION)
     if SWIGLU or ROPE:
-        cols_2 = offs_2.to(tl.int64)
-        ua = tl.load(w_ptr + cols_2[None, :] * stride_w + offs_a[:, None], mask=mask_a[:, None] & mask_n[None, :], other=0.0)
         acc_2 = tl.dot(xa, ua.to(dot_ty), input_precision=PRECISION)
         if K_B > 0:
-            ub = tl.load(w_ptr + cols_2[None, :] * stride_w + offs_b[:, None], mask=mask_b[:, None] & mask_n[None, :], other=0.0)
             acc_2 = tl.dot(xb, ub.to(dot_ty), acc_2, input_precision=PRECISION)
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc_2
@@ -185,18 +219,8 @@ def _norm_linear_src(
         if pid_n < NORM_HEADS:
             # columns past HALF hold zeros (masked weight rows): they add nothing to the sum
             qk_rstd = 1.0 / tl.sqrt((tl.sum(acc * acc, axis=1) + tl.sum(acc_2 * acc_2, axis=1)) / (2 * HALF) + qk_eps)
-            is_q = pid_n < Q_HEADS
-            w_1 = tl.where(is_q, tl.load(qw_ptr + offs_h, mask=mask_n, other=0.0),
-                           tl.load(kw_ptr + offs_h, mask=mask_n, other=0.0)).to(tl.float32)
-            w_2 = tl.where(is_q, tl.load(qw_ptr + HALF + offs_h, mask=mask_n, other=0.0),
-                           tl.load(kw_ptr + HALF + offs_h, mask=mask_n, other=0.0)).to(tl.float32)
             x_1 = acc * qk_rstd[:, None] * w_1[None, :]
             x_2 = acc_2 * qk_rstd[:, None] * w_2[None, :]
-            pos = tl.load(pos_ptr + rows, mask=mask_m, other=0).to(tl.int64)
-            cs_rows = cs_ptr + pos[:, None] * stride_cs + offs_h[None, :]
-            cs_mask = mask_m[:, None] & mask_n[None, :]
-            cos = tl.load(cs_rows, mask=cs_mask, other=0.0).to(tl.float32)
-            sin = tl.load(cs_rows + HALF, mask=cs_mask, other=0.0).to(tl.float32)
             acc = x_1 * cos - x_2 * sin
             acc_2 = x_2 * cos + x_1 * sin
         tl.store(y_ptr + rows[:, None] * stride_y + offs_2[None, :], acc_2.to(y_ptr.dtype.element_ty),
@@ -271,6 +295,7 @@ def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, blo
     precision = "ieee" if x2.dtype == torch.float32 or upcast else "tf32"
     has_res = r2 is not None
     grid = (triton.cdiv(M, bm), N // (2 * half) if rope is not None else triton.cdiv(N, bn))
+    on = pdl(x2)
     qk = (x2, x2, x2, x2, 0, 0.0) if rope is None else (
         rope.q_weight, rope.k_weight, rope.cos_sin, rope.positions, rope.cos_sin.stride(0), float(rope.eps))
     jitted(_norm_linear_src)[grid](
@@ -280,7 +305,7 @@ def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, blo
         K=K, K_A=k_a, K_B=k_b, HAS_RES=has_res, SWIGLU=swiglu,
         ROPE=rope is not None, HALF=half, Q_HEADS=0 if rope is None else rope.q_heads,
         NORM_HEADS=0 if rope is None else rope.q_heads + rope.kv_heads, BLOCK_M=bm, BLOCK_N=bn,
-        PRECISION=precision, UPCAST=upcast, num_warps=nw, num_stages=1,
+        PRECISION=precision, UPCAST=upcast, PDL=on, num_warps=nw, num_stages=1, **({"launch_pdl": True} if on else {}),
     )
 
 

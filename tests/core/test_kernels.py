@@ -924,3 +924,100 @@ def test_to_stream_takes_the_kernel_only_for_a_whole_plain_weight(monkeypatch):
     for linear, plain in ((whole, False), (shard, True)):
         assert torch.equal(nar.to_stream(linear, plain)(x), torch.full((3, 8), 7.0))
     assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------------------
+# Programmatic dependent launch (the decode kernels on Hopper and newer)
+
+
+def test_pdl_only_on_hopper_cuda_and_switchable(monkeypatch):
+    """PDL needs CUDA and compute capability 9+; the interpreter and ``CONVGPT_PDL=0`` keep plain
+    launches (what capability a CPU tensor has is never asked)."""
+    monkeypatch.delenv("CONVGPT_PDL", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    class Cuda:  # a CUDA tensor as kernels.pdl reads it
+        is_cuda, device = True, "cuda:0"
+
+    asked = []
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    for cap, want in (((9, 0), True), ((10, 0), True), ((8, 9), False)):
+        monkeypatch.setattr(kernels, "_capability", lambda d, cap=cap: asked.append(d) or cap)
+        assert kernels.pdl(Cuda()) is want
+    assert asked == ["cuda:0"] * 3
+    assert not kernels.pdl(torch.zeros(1))
+    monkeypatch.setattr(kernels, "_capability", lambda d: (9, 0))
+    monkeypatch.setenv("CONVGPT_PDL", "0")
+    assert not kernels.pdl(Cuda())
+    monkeypatch.delenv("CONVGPT_PDL")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not kernels.pdl(Cuda())
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(torch.version, "cuda", None)  # ROCm
+    assert not kernels.pdl(Cuda())
+
+
+@pytest.fixture(scope="module")
+def sm90_ptx():
+    """The decode kernels compiled for an H100 (sm_90, with and without PDL), in a fresh process
+    where triton compiles (this one may have imported it for the interpreter): no GPU needed."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "src"), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "sm90_ptx.py")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("which", ["norm_linear_rope", "norm_linear_swiglu", "narrow_linear"])
+def test_pdl_kernels_wait_before_they_write(sm90_ptx, which):
+    """Compiled for sm_90 with PDL, each decode kernel waits once for the kernels before it
+    (``griddepcontrol.wait``) and lets the next one start; before that wait it stores nothing
+    and takes no atomic (the outputs, the split-K partials and counters); it does load (its
+    weights, which no kernel of the step writes).  Without PDL neither instruction is there."""
+    ptx = sm90_ptx[which]
+    waits = [i for i, line in enumerate(ptx) if line.startswith("griddepcontrol.wait")]
+    assert len(waits) == 1
+    assert sum(line.startswith("griddepcontrol.launch_dependents") for line in ptx) == 1
+    before = ptx[:waits[0]]
+    assert not [line for line in before if line.startswith(("st.global", "atom.", "red."))]
+    assert any(line.startswith("ld.global") for line in before)
+    assert not [line for line in sm90_ptx[which + "_plain"] if line.startswith("griddepcontrol")]
+
+
+def test_gpu_layers_with_pdl_in_a_cuda_graph_match_plain_launches(gpu, monkeypatch):
+    """Four fused layers (published widths: q+k+v with the q/k norm + RoPE, o_proj, gate/up +
+    SwiGLU, down), an engine kernel between q+k+v and o_proj as attention stands in: captured in
+    one CUDA graph with PDL and replayed on new inputs, each replay equals the same layers
+    launched eagerly without PDL, bit for bit (PDL changes when kernels start, never what they
+    compute; a kernel reading its input early would differ)."""
+    if not kernels.pdl(torch.zeros(1, device="cuda")):
+        pytest.skip("PDL needs compute capability 9.0+")
+    for m in (1, 64, 256):
+        layer = _Layer(m, (128, 16, 8), 2048, 3072, device="cuda", dtype=torch.bfloat16)
+
+        def layers(h, res, pos, layer=layer):
+            for _ in range(4):
+                h, res = layer(h * 1.0, res, pos)  # "* 1.0": one engine kernel before each layer
+            return h, res
+
+        x, r, pos = (t.clone() for t in layer.inputs(m))
+        layers(x, r, pos)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layers(x, r, pos)
+        for seed in range(3):
+            gen = torch.Generator(device="cuda").manual_seed(seed)
+            x.copy_(torch.randn(x.shape, generator=gen, device="cuda"))
+            r.copy_(torch.randn(r.shape, generator=gen, device="cuda"))
+            pos.copy_(torch.randint(0, 500, pos.shape, generator=gen, device="cuda"))
+            graph.replay()
+            monkeypatch.setenv("CONVGPT_PDL", "0")
+            want = layers(x, r, pos)
+            monkeypatch.delenv("CONVGPT_PDL")
+            torch.cuda.synchronize()
+            for got, ref in zip(out, want):
+                assert torch.equal(got, ref), (m, seed)
