@@ -19,6 +19,11 @@ split-K kernel) against cuBLAS (``F.linear``), with a sweep of the K split.
 
 One line per shape as it completes, and a JSON of each part (norm_linear.json, narrow_linear.json).
 
+``--only chain``: the layers' kernels as a decode step runs them back to back: 32 layers of the
+fused decoder layer (q+k+v with q/k norm + RoPE, o_proj, gate/up + SwiGLU, down; attention
+stood in by one elementwise kernel on q) in one CUDA graph, with programmatic dependent launch
+(``convgpt_core.kernels.pdl``) and without (``CONVGPT_PDL=0``), checked equal; us per layer.
+
 ``--tiles M[,M..]``: instead, both kernels' whole tile space at those row counts (the sizes
 where the heuristics were only swept along one axis), each configuration against the shipped
 heuristic and the engine's ops, ranked; ``tiles.{txt,json}``.
@@ -57,7 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".")
     ap.add_argument("--batches", default="1,2,4,8,16,32,64,128,256,512,1024")
-    ap.add_argument("--only", choices=["norm_linear", "narrow_linear", "qkv_rope"], default=None)
+    ap.add_argument("--only", choices=["norm_linear", "narrow_linear", "qkv_rope", "chain"], default=None)
     ap.add_argument("--tiles", default=None, help="row counts for the full tile sweep (replaces the rest)")
     args = ap.parse_args()
     import torch
@@ -92,6 +97,9 @@ def main() -> None:
     if args.tiles:
         tile_sweep([int(m) for m in args.tiles.split(",")], timed, logger("tiles"),
                    lambda rows: save("tiles", rows))
+        return
+    if args.only == "chain":
+        chain(batches, timed, logger("chain"), lambda rows: save("chain", rows))
         return
     if args.only == "qkv_rope":
         qkv_rope(batches, timed, logger("qkv_rope"), lambda rows: save("qkv_rope", rows))
@@ -202,6 +210,60 @@ def qkv_rope(batches: list[int], timed, say, save) -> None:
         rows.append(dict(site="qkv_rope", m=m, engine_us=eng, fused_us=fused, fused_by_tile=sweep, heuristic=tiles))
         say(f"{m:>6}{eng:>9.2f}{fused:>8.2f}{fused / eng:>7.2f}   " + " ".join(f"{v:.2f}" for v in sweep.values())
             + f"  (picked {tiles[0]}/{tiles[2]})")
+        save(rows)
+
+
+LAYERS, INNER = 32, 3072
+
+
+def chain(batches: list[int], timed, say, save) -> None:
+    """LAYERS fused decoder layers back to back in one CUDA graph, with and without PDL."""
+    import torch
+
+    from convgpt_core import kernels
+    from convgpt_core import narrow_linear as nar
+    from convgpt_core import norm_linear as nl
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    heads = Q_HEADS * HEAD_DIM
+    n = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device=dev) * scale).to(dt)
+
+    layers = [dict(nw1=1 + randn(D, scale=0.1), wqkv=randn(n, D, scale=D**-0.5), wo=randn(D, heads, scale=heads**-0.5),
+                   nw2=1 + randn(D, scale=0.1), wgu=randn(2 * INNER, D, scale=D**-0.5),
+                   wd=randn(D, INNER, scale=INNER**-0.5), qw=1 + randn(HEAD_DIM, scale=0.1),
+                   kw=1 + randn(HEAD_DIM, scale=0.1)) for _ in range(LAYERS)]
+    inv = 10000.0 ** (-torch.arange(0, HEAD_DIM, 2, device=dev, dtype=torch.float32) / HEAD_DIM)
+    ang = torch.arange(8192, device=dev, dtype=torch.float32)[:, None] * inv[None, :]
+    cos_sin = torch.cat((ang.cos(), ang.sin()), dim=-1).to(dt)
+
+    def step(h, res, pos):
+        for p in layers:
+            rope = nl.QKRope(p["qw"], p["kw"], 1e-6, cos_sin, pos, Q_HEADS, KV_HEADS)
+            h, res = nl.fused_decoder_layer(
+                h, res, (p["nw1"], 1e-6), p["wqkv"], lambda qkv, roped: qkv[..., :heads] * 1.0,
+                lambda x, w=p["wo"]: nar.narrow_linear(x, w), (p["nw2"], 1e-6), p["wgu"],
+                lambda x, w=p["wd"]: nar.narrow_linear(x, w), rope)
+        return h, res
+
+    assert kernels.pdl(cos_sin), "PDL needs CUDA on compute capability 9.0+"
+    rows = []
+    say(f"{LAYERS} layers per CUDA graph, us per layer")
+    say(f"{'M':>6}{'plain':>9}{'PDL':>9}{'saved':>8}")
+    for m in batches:
+        h, res = randn(m, D), randn(m, D)
+        pos = torch.randint(0, 8192, (m,), device=dev)
+        os.environ["CONVGPT_PDL"] = "0"
+        want = step(h, res, pos)
+        plain = timed(step, h, res, pos) / LAYERS
+        os.environ.pop("CONVGPT_PDL")
+        got = step(h, res, pos)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        with_pdl = timed(step, h, res, pos) / LAYERS
+        rows.append(dict(m=m, layers=LAYERS, plain_us_per_layer=plain, pdl_us_per_layer=with_pdl))
+        say(f"{m:>6}{plain:>9.2f}{with_pdl:>9.2f}{plain - with_pdl:>8.2f}")
         save(rows)
 
 

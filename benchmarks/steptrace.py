@@ -94,14 +94,20 @@ def window(path: str) -> dict:
 
 
 def _totals(events, keep=lambda e: True) -> dict:
-    """:func:`window`'s totals over the complete events for which ``keep`` is true."""
+    """:func:`window`'s totals over the complete events for which ``keep`` is true.
+
+    ``busy_us`` is the time at least one kernel ran (the union of their spans): kernels
+    launched with programmatic dependent launch start while the kernel before them finishes,
+    so their spans overlap.  The per-class and per-kernel times add each kernel's whole span,
+    the time such a kernel waited included."""
     out = {"busy_us": 0.0, "kernels": 0, "attention_us": 0.0, "by_class": {}, "by_kernel": {}, "runtime": {}, "cpu": {}}
+    spans = []
     for e in events:
         if e.get("ph") != "X" or not keep(e):
             continue
         cat, name, dur = e.get("cat"), e.get("name", ""), float(e.get("dur", 0.0))
         if cat == "kernel":
-            out["busy_us"] += dur
+            spans.append((float(e.get("ts", 0.0)), dur))
             out["kernels"] += 1
             out["attention_us"] += dur if ATTENTION.search(name) else 0.0
             cls = op_class(name)
@@ -112,7 +118,19 @@ def _totals(events, keep=lambda e: True) -> dict:
             slot = out[HOST_CATEGORIES[cat]].setdefault(key[:120], [0, 0.0])
             slot[0] += 1
             slot[1] += dur
+    out["busy_us"] = _union(spans)
     return out
+
+
+def _union(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of (start, duration) spans."""
+    total, end = 0.0, float("-inf")
+    for t0, dur in sorted(spans):
+        t1 = t0 + dur
+        if t1 > end:
+            total += t1 - max(t0, end)
+            end = t1
+    return total
 
 
 # vLLM's worker names each step's execute_model range by what it holds:
