@@ -22,7 +22,8 @@ One line per shape as it completes, and a JSON of each part (norm_linear.json, n
 ``--only chain``: the layers' kernels as a decode step runs them back to back: 32 layers of the
 fused decoder layer (q+k+v with q/k norm + RoPE, o_proj, gate/up + SwiGLU, down; attention
 stood in by one elementwise kernel on q) in one CUDA graph, with programmatic dependent launch
-(``convgpt_core.kernels.pdl``) and without (``CONVGPT_PDL=0``), checked equal; us per layer.
+(``convgpt_core.kernels.pdl``, here at every size) and without (``CONVGPT_PDL=0``), checked equal;
+us per layer.
 
 ``--tiles M[,M..]``: instead, both kernels' whole tile space at those row counts (the sizes
 where the heuristics were only swept along one axis), each configuration against the shipped
@@ -248,9 +249,10 @@ def chain(batches: list[int], timed, say, save) -> None:
                 lambda x, w=p["wd"]: nar.narrow_linear(x, w), rope)
         return h, res
 
-    assert kernels.pdl(cos_sin), "PDL needs CUDA on compute capability 9.0+"
+    assert kernels.pdl(cos_sin, 1), "PDL needs CUDA on compute capability 9.0+"
+    shipped, kernels.PDL_MAX_ROWS = kernels.PDL_MAX_ROWS, 1 << 30  # PDL at every size here
     rows = []
-    say(f"{LAYERS} layers per CUDA graph, us per layer")
+    say(f"{LAYERS} layers per CUDA graph, us per layer (PDL at every size; shipped up to {shipped} rows)")
     say(f"{'M':>6}{'plain':>9}{'PDL':>9}{'saved':>8}")
     for m in batches:
         h, res = randn(m, D), randn(m, D)
@@ -265,6 +267,7 @@ def chain(batches: list[int], timed, say, save) -> None:
         rows.append(dict(m=m, layers=LAYERS, plain_us_per_layer=plain, pdl_us_per_layer=with_pdl))
         say(f"{m:>6}{plain:>9.2f}{with_pdl:>9.2f}{plain - with_pdl:>8.2f}")
         save(rows)
+    kernels.PDL_MAX_ROWS = shipped
 
 
 NORM_TILES = [(bm, bn, w) for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for w in (4, 8)]

@@ -171,10 +171,18 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def pdl(x: torch.Tensor) -> bool:
-    """True when the decode kernels (:mod:`convgpt_core.norm_linear`,
-    :mod:`convgpt_core.narrow_linear`) launch on ``x``'s device with programmatic dependent
-    launch: CUDA on Hopper or newer, not the interpreter, and ``CONVGPT_PDL`` not ``0``.
+# PDL up to this many rows: round 16's chain of 32 layers in one CUDA graph (H200,
+# bench_norm_linear.py --only chain, two runs) saved 3.6-3.7 / 2.7 / 2.8 / 2.4 / 1.8-1.9 us per
+# layer at 1 / 16 / 64 / 96 / 128 rows, 0.4-0.5 at 160 and 192, 0.1 at 224 and nothing at 256
+# (-0.2, -0.3), where the kernels run long enough to hide their own launches.
+PDL_MAX_ROWS = 192
+
+
+def pdl(x: torch.Tensor, rows: int) -> bool:
+    """True when a decode kernel (:mod:`convgpt_core.norm_linear`,
+    :mod:`convgpt_core.narrow_linear`) over ``rows`` rows of ``x`` launches with programmatic
+    dependent launch: CUDA on Hopper or newer, not the interpreter, ``CONVGPT_PDL`` not ``0``,
+    and at most :data:`PDL_MAX_ROWS` rows.
 
     A kernel launched so may start while the kernel before it on the stream is finishing: it
     loads what no earlier kernel writes (its weights), then waits (``gdc_wait``) until the
@@ -183,7 +191,8 @@ def pdl(x: torch.Tensor) -> bool:
     a decode step's chain of small kernels this hides each launch and weight load behind the
     previous kernel's tail; CUDA graphs keep the dependency when they capture the launch."""
     return (
-        x.is_cuda
+        rows <= PDL_MAX_ROWS
+        and x.is_cuda
         and not _interpreting()
         and torch.version.cuda is not None
         and gdc_wait is not None

@@ -191,7 +191,7 @@ def narrow_linear_triton(
         split, k_per_split = 1, triton.cdiv(K, bk) * bk
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     upcast = _interpreting() and x.dtype != torch.float32  # the interpreter multiplies 16-bit tiles as integers
-    on = pdl(x2)
+    on = pdl(x2, M)
     jitted(_narrow_linear_src)[(triton.cdiv(M, bm), triton.cdiv(N, bn), split)](
         x2, weight, y.view(-1, N), part, _counters(x.device),
         M, N, K, x2.stride(0), weight.stride(0), N,

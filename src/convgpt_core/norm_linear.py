@@ -295,7 +295,7 @@ def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, blo
     precision = "ieee" if x2.dtype == torch.float32 or upcast else "tf32"
     has_res = r2 is not None
     grid = (triton.cdiv(M, bm), N // (2 * half) if rope is not None else triton.cdiv(N, bn))
-    on = pdl(x2)
+    on = pdl(x2, M)
     qk = (x2, x2, x2, x2, 0, 0.0) if rope is None else (
         rope.q_weight, rope.k_weight, rope.cos_sin, rope.positions, rope.cos_sin.stride(0), float(rope.eps))
     jitted(_norm_linear_src)[grid](

@@ -930,9 +930,10 @@ def test_to_stream_takes_the_kernel_only_for_a_whole_plain_weight(monkeypatch):
 # Programmatic dependent launch (the decode kernels on Hopper and newer)
 
 
-def test_pdl_only_on_hopper_cuda_and_switchable(monkeypatch):
-    """PDL needs CUDA and compute capability 9+; the interpreter and ``CONVGPT_PDL=0`` keep plain
-    launches (what capability a CPU tensor has is never asked)."""
+def test_pdl_only_on_hopper_cuda_for_decode_rows_and_switchable(monkeypatch):
+    """PDL needs CUDA and compute capability 9+, and is taken up to PDL_MAX_ROWS rows; the
+    interpreter and ``CONVGPT_PDL=0`` keep plain launches (what capability a CPU tensor has is
+    never asked)."""
     monkeypatch.delenv("CONVGPT_PDL", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
@@ -943,18 +944,20 @@ def test_pdl_only_on_hopper_cuda_and_switchable(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     for cap, want in (((9, 0), True), ((10, 0), True), ((8, 9), False)):
         monkeypatch.setattr(kernels, "_capability", lambda d, cap=cap: asked.append(d) or cap)
-        assert kernels.pdl(Cuda()) is want
+        assert kernels.pdl(Cuda(), 1) is want
     assert asked == ["cuda:0"] * 3
-    assert not kernels.pdl(torch.zeros(1))
+    assert kernels.pdl(Cuda(), kernels.PDL_MAX_ROWS) is False  # (8, 9) still patched in
     monkeypatch.setattr(kernels, "_capability", lambda d: (9, 0))
+    assert kernels.pdl(Cuda(), kernels.PDL_MAX_ROWS) and not kernels.pdl(Cuda(), kernels.PDL_MAX_ROWS + 1)
+    assert not kernels.pdl(torch.zeros(1), 1)
     monkeypatch.setenv("CONVGPT_PDL", "0")
-    assert not kernels.pdl(Cuda())
+    assert not kernels.pdl(Cuda(), 1)
     monkeypatch.delenv("CONVGPT_PDL")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not kernels.pdl(Cuda())
+    assert not kernels.pdl(Cuda(), 1)
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setattr(torch.version, "cuda", None)  # ROCm
-    assert not kernels.pdl(Cuda())
+    assert not kernels.pdl(Cuda(), 1)
 
 
 @pytest.fixture(scope="module")
@@ -990,12 +993,12 @@ def test_pdl_kernels_wait_before_they_write(sm90_ptx, which):
 def test_gpu_layers_with_pdl_in_a_cuda_graph_match_plain_launches(gpu, monkeypatch):
     """Four fused layers (published widths: q+k+v with the q/k norm + RoPE, o_proj, gate/up +
     SwiGLU, down), an engine kernel between q+k+v and o_proj as attention stands in: captured in
-    one CUDA graph with PDL and replayed on new inputs, each replay equals the same layers
+    one CUDA graph with PDL (up to PDL_MAX_ROWS rows) and replayed on new inputs, each replay equals the same layers
     launched eagerly without PDL, bit for bit (PDL changes when kernels start, never what they
     compute; a kernel reading its input early would differ)."""
-    if not kernels.pdl(torch.zeros(1, device="cuda")):
+    if not kernels.pdl(torch.zeros(1, device="cuda"), 1):
         pytest.skip("PDL needs compute capability 9.0+")
-    for m in (1, 64, 256):
+    for m in (1, 64, kernels.PDL_MAX_ROWS, 256):  # 256: plain launches, the comparison still holds
         layer = _Layer(m, (128, 16, 8), 2048, 3072, device="cuda", dtype=torch.bfloat16)
 
         def layers(h, res, pos, layer=layer):

@@ -248,3 +248,20 @@ def test_benchmark_table_warns_when_the_host_speed_varied():
     assert set(probe) == {"b8", "b1"}
     assert "convgpt 10.2 (10.0-10.5), twin 10.1 (10.0-10.3)" in probe["b8"] and "doubtful" not in probe["b8"]
     assert "varied 2.10x" in probe["b1"] and "doubtful" in probe["b1"]
+
+
+def test_busy_time_counts_overlapping_kernels_once(tmp_path):
+    """Kernels launched with programmatic dependent launch start while the one before finishes:
+    GPU-busy is the time any kernel ran (their union), while each kernel's class still adds its
+    whole span."""
+    spans = [("_norm_linear_src", 0.0, 10.0), ("_narrow_linear_src", 8.0, 5.0),  # 2 us overlap
+             ("_narrow_linear_src", 9.0, 2.0),  # inside the one before
+             ("flash_fwd_splitkv", 20.0, 6.0)]  # after a 7 us gap
+    events = [{"ph": "X", "cat": "kernel", "name": n, "ts": t, "dur": d} for n, t, d in spans]
+    path = tmp_path / "pdl.json.gz"
+    path.write_bytes(gzip.compress(json.dumps({"traceEvents": events[::-1]}).encode()))  # any order
+    got = steptrace.window(str(path))
+    assert got["busy_us"] == 13.0 + 6.0
+    assert got["kernels"] == 4
+    assert got["by_kernel"]["_narrow_linear_src"] == 7.0
+    assert got["by_class"]["norm+gemm (fused)"] == 10.0 and got["attention_us"] == 6.0
