@@ -24,6 +24,10 @@ decode at 26-37k tok/s where round 12's host gave 44-55k).
   above holds every step the scheduler ran between the two runs' prefills, which it may split
   differently from run to run; the steady rows do not.
 
+``--b-env VAR=VALUE`` (repeatable) puts ConvGPT itself in the twin's place, its engine started
+with those variables (its processes inherit them): the same interleaved A/B for a switch of this
+project, e.g. ``--b-env CONVGPT_PDL=0``; the table says so in its first line.
+
 ``--trace DIR`` adds kernel traces (the engine's own torch profiler; ``benchmarks/steptrace.py``
 reads them).  A decode step is the difference of two profiled runs of the same requests,
 17 tokens and 1 token, over 16: on the timed engines (CUDA graphs on) that gives the host
@@ -51,6 +55,7 @@ On a machine without CUDA the engines run on the CPU: that checks the harness, n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -216,13 +221,47 @@ def measurements(args) -> list[tuple[str, str, int, int]]:
     return out
 
 
+def b_env(args) -> dict[str, str]:
+    """``--b-env VAR=VALUE`` as a dict (empty: the second model is the twin)."""
+    pairs = [kv.partition("=") for kv in getattr(args, "b_env", None) or []]
+    if any(not var or not eq for var, eq, _ in pairs):
+        raise SystemExit(f"--b-env takes VAR=VALUE, got {args.b_env}")
+    return {var: value for var, _, value in pairs}
+
+
+@contextlib.contextmanager
+def started_env(args, name: str):
+    """The environment model ``name``'s engine starts in: with ``--b-env`` the twin's slot runs
+    ConvGPT itself, its engine (and the processes it spawns: vLLM's engine core, SGLang's
+    scheduler) started with those variables set; the benchmark's own environment is restored
+    after."""
+    env = b_env(args) if name == "twin" else {}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def model_paths(args, paths: dict[str, str]) -> dict[str, str]:
+    """The checkpoint each slot runs: with ``--b-env`` both run ConvGPT's."""
+    return dict(paths, twin=paths["convgpt"]) if b_env(args) else paths
+
+
 def run(args, paths: dict[str, str]) -> dict:
     benches = {}
+    paths = model_paths(args, paths)
     # side by side: both engines up before any timing; the first to start builds the kernels
     # both use (JIT caches on disk), so --twin-first swaps the order to show that in start times
     for name in MODELS[::-1] if args.twin_first else MODELS:
         profile = {"profile_dir": os.path.join(os.path.abspath(args.trace), f"{name}-graphs")} if args.trace else {}
-        benches[name] = Bench(paths[name], args, **profile)
+        with started_env(args, name):
+            benches[name] = Bench(paths[name], args, **profile)
         print(f"{name}: engine up in {benches[name].start_s:.0f} s", file=sys.stderr, flush=True)
     for b in benches.values():  # warm-up: every shape class once
         b.timed(b.prompts(4, 64), 8)
@@ -297,9 +336,11 @@ def traces(args, paths: dict[str, str], trace_dir: str) -> dict:
     import steptrace as tr
 
     out = {}
+    paths = model_paths(args, paths)
     for name in MODELS:
         folder = os.path.join(trace_dir, name)
-        b = Bench(paths[name], args, graphs=False, profile_dir=folder)
+        with started_env(args, name):
+            b = Bench(paths[name], args, graphs=False, profile_dir=folder)
         b.timed(b.prompts(4, 64), 8)
         for label, batch in decode_batches(args):
             out.setdefault(name, {})[label] = stats = decode_trace(b, folder, batch, args.decode_prompt)
@@ -359,7 +400,9 @@ def step_rows(data: dict, src: dict, title: str) -> list[str]:
 
 def table(data: dict) -> str:
     m = data["result"]["measurements"]
-    lines = [f"{'measurement':<22}{'ConvGPT tok/s':>15}{'twin tok/s':>13}{'ratio median':>14}{'min-max':>15}"]
+    env = data["args"].get("b_env") or []
+    lines = [f"'twin' below is ConvGPT itself, its engine started with {' '.join(env)} (--b-env)"] if env else []
+    lines += [f"{'measurement':<22}{'ConvGPT tok/s':>15}{'twin tok/s':>13}{'ratio median':>14}{'min-max':>15}"]
     for label, r in m.items():
         r = summary(r["tok_s"])  # from the rounds, also for JSONs written before invalid rounds were left out
         c, t = r["median_tok_s"]["convgpt"], r["median_tok_s"]["twin"]
@@ -427,7 +470,8 @@ def plot(json_path: str, png_path: str) -> None:
     ax.bar(xs, med, yerr=[lo, hi], capsize=6, color=["#3b7dd8" if r >= 1 else "#d8553b" for r in med])
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_xticks(list(xs), labels)
-    ax.set_ylabel("ConvGPT / uncompressed twin (throughput)")
+    env = data["args"].get("b_env") or []
+    ax.set_ylabel(f"ConvGPT / ConvGPT with {' '.join(env)}" if env else "ConvGPT / uncompressed twin (throughput)")
     meta = data["meta"]
     ax.set_title(f"{meta['engine']} {meta['version']}, {meta['gpu']}, {data['args']['dtype']}, "
                  f"KV {data['args']['kv_cache_dtype']}\nmedian of {data['args']['rounds']} A/B rounds, min-max")
@@ -463,6 +507,9 @@ def parser() -> argparse.ArgumentParser:
                     help="then profile decode steps and a prefill of each model (traces kept in DIR)")
     ap.add_argument("--timed-trace-only", action="store_true",
                     help="with --trace: trace the timed engines only (no engines with CUDA graphs off)")
+    ap.add_argument("--b-env", action="append", default=[], metavar="VAR=VALUE",
+                    help="instead of the twin, run ConvGPT a second time with VAR=VALUE in its engine's environment "
+                         "(an A/B of a switch, e.g. CONVGPT_PDL=0); repeatable")
     ap.add_argument("--plot-only", nargs=2, metavar=("JSON", "PNG"))
     ap.add_argument("--table-only", metavar="JSON", help="print the table of an earlier result")
     return ap

@@ -4,6 +4,7 @@ N + 1 tokens has beyond a run of 1 token, divided by N."""
 
 import gzip
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -265,3 +266,52 @@ def test_busy_time_counts_overlapping_kernels_once(tmp_path):
     assert got["kernels"] == 4
     assert got["by_kernel"]["_narrow_linear_src"] == 7.0
     assert got["by_class"]["norm+gemm (fused)"] == 10.0 and got["attention_us"] == 6.0
+
+
+def test_benchmark_b_env_runs_convgpt_twice_with_the_switch_in_one_engine(monkeypatch):
+    """``--b-env VAR=VALUE``: the twin's slot runs ConvGPT's checkpoint, its engine started with
+    the variables set (and only its engine: the benchmark's environment is as before after each
+    start); the table says what the second model is."""
+    import e2e
+
+    monkeypatch.setenv("CONVGPT_PDL", "1")
+    monkeypatch.delenv("CONVGPT_QK_ROPE", raising=False)
+    starts = []
+
+    class Bench:  # records the checkpoint and the environment each engine starts with
+        def __init__(self, path, args, **settings):
+            starts.append((path, os.environ.get("CONVGPT_PDL"), os.environ.get("CONVGPT_QK_ROPE")))
+            self.start_s, self.engine = 0.0, self
+
+        def timed(self, batch, tokens):
+            return 1.0
+
+        def prompts(self, n, length):
+            return [[1] * length] * n
+
+        def decode(self, batch):
+            return 100.0
+
+        steady = decode
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(e2e, "Bench", Bench)
+    monkeypatch.setattr(e2e, "host_probe_ms", lambda: 1.0)
+    argv = ["--b-env", "CONVGPT_PDL=0", "--b-env", "CONVGPT_QK_ROPE=0", "--no-batch1", "--prefill-n", "0",
+            "--rounds", "2"]
+    for first, order in (([], ["convgpt", "twin"]), (["--twin-first"], ["twin", "convgpt"])):
+        starts.clear()
+        args = e2e.parser().parse_args(argv + first)
+        result = e2e.run(args, {"convgpt": "ckpt-convgpt", "twin": "ckpt-twin"})
+        want = {"convgpt": ("ckpt-convgpt", "1", None), "twin": ("ckpt-convgpt", "0", "0")}
+        assert starts == [want[n] for n in order]  # both run ConvGPT; the twin's slot with the switches
+        assert os.environ["CONVGPT_PDL"] == "1" and "CONVGPT_QK_ROPE" not in os.environ
+        assert result["measurements"]["decode b256"]["tok_s"] == {"convgpt": [100.0] * 2, "twin": [100.0] * 2}
+    text = e2e.table({"args": vars(args), "result": result})
+    assert text.splitlines()[0] == ("'twin' below is ConvGPT itself, its engine started with "
+                                    "CONVGPT_PDL=0 CONVGPT_QK_ROPE=0 (--b-env)")
+    assert "twin below" not in e2e.table({"args": vars(e2e.parser().parse_args([])), "result": result})
+    with pytest.raises(SystemExit, match="VAR=VALUE"):
+        e2e.b_env(e2e.parser().parse_args(["--b-env", "CONVGPT_PDL"]))
