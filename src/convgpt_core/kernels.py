@@ -189,7 +189,9 @@ def pdl(x: torch.Tensor, rows: int) -> bool:
     kernels before it have completed and their writes are visible, and only then reads its
     inputs or writes anything.  Right after that wait it lets the next such kernel start.  In
     a decode step's chain of small kernels this hides each launch and weight load behind the
-    previous kernel's tail; CUDA graphs keep the dependency when they capture the launch."""
+    previous kernel's tail; CUDA graphs keep the dependency when they capture the launch.  A
+    launch whose weights were just copied (another dtype, a non-contiguous tensor) goes without
+    PDL: the copy's writes are certain to be visible only after the wait."""
     return (
         rows <= PDL_MAX_ROWS
         and x.is_cuda

@@ -179,7 +179,8 @@ def narrow_linear_triton(
         return y.zero_()
     x2 = _as_rows(x)
     M = x2.shape[0]
-    if weight.stride(-1) != 1:
+    copied = weight.stride(-1) != 1  # a copy just made: not read before a PDL wait
+    if copied:
         weight = weight.contiguous()
     bm, bk, kps, nw = _tiles(M)
     bm, bk, kps, nw = block_m or bm, block_k or bk, k_blocks_per_split or kps, num_warps or nw
@@ -191,7 +192,7 @@ def narrow_linear_triton(
         split, k_per_split = 1, triton.cdiv(K, bk) * bk
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     upcast = _interpreting() and x.dtype != torch.float32  # the interpreter multiplies 16-bit tiles as integers
-    on = pdl(x2, M)
+    on = not copied and pdl(x2, M)
     jitted(_narrow_linear_src)[(triton.cdiv(M, bm), triton.cdiv(N, bn), split)](
         x2, weight, y.view(-1, N), part, _counters(x.device),
         M, N, K, x2.stride(0), weight.stride(0), N,

@@ -282,7 +282,7 @@ def _tiles(M: int, swiglu: bool, half_head: int = 0) -> tuple[int, int, int]:
     return bm, bn, 4
 
 
-def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, block_n, num_warps):
+def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, block_n, num_warps, pdl_ok=True):
     M, K = x2.shape
     N = y2.shape[1]
     k_a, k_b = _d_blocks(K)
@@ -295,7 +295,7 @@ def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, blo
     precision = "ieee" if x2.dtype == torch.float32 or upcast else "tf32"
     has_res = r2 is not None
     grid = (triton.cdiv(M, bm), N // (2 * half) if rope is not None else triton.cdiv(N, bn))
-    on = pdl(x2, M)
+    on = pdl_ok and pdl(x2, M)
     qk = (x2, x2, x2, x2, 0, 0.0) if rope is None else (
         rope.q_weight, rope.k_weight, rope.cos_sin, rope.positions, rope.cos_sin.stride(0), float(rope.eps))
     jitted(_norm_linear_src)[grid](
@@ -341,22 +341,27 @@ def norm_linear_triton(
     if swiglu and weight.shape[0] % 2:
         raise ValueError(f"norm_linear: a SwiGLU weight stacks gate and up rows, got {weight.shape[0]} rows")
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    copied = False  # the kernel reads its weights before its PDL wait: none may come from a copy just made
     if rope is not None:
         if swiglu:
             raise ValueError("norm_linear: q/k norm + RoPE applies to a q+k+v weight, not a SwiGLU one")
         rope.check(_rows(x), N)
-        rope = rope._replace(q_weight=rope.q_weight.contiguous(), k_weight=rope.k_weight.contiguous(),
-                             cos_sin=rope.cos_sin if rope.cos_sin.stride(-1) == 1 else rope.cos_sin.contiguous(),
-                             positions=rope.positions.reshape(-1).contiguous())  # the kernel reads them densely
+        dense = rope._replace(q_weight=rope.q_weight.contiguous(), k_weight=rope.k_weight.contiguous(),
+                              cos_sin=rope.cos_sin if rope.cos_sin.stride(-1) == 1 else rope.cos_sin.contiguous(),
+                              positions=rope.positions.reshape(-1).contiguous())  # the kernel reads them densely
+        copied = dense.q_weight is not rope.q_weight or dense.k_weight is not rope.k_weight
+        rope = dense
     lead = x.shape[:-1]
     y = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
     s = None if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
     if y.numel() == 0:
         return y, s
+    nw = norm_weight.to(x.dtype)
+    copied = copied or nw is not norm_weight or weight.stride(-1) != 1
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     _launch(_as_rows(x), None if residual is None else _as_rows(residual), None if s is None else s.view(-1, K),
-            norm_weight.to(x.dtype), weight, y.view(-1, N), eps, swiglu, rope, block_m, block_n, num_warps)
+            nw, weight, y.view(-1, N), eps, swiglu, rope, block_m, block_n, num_warps, pdl_ok=not copied)
     return y, s
 
 

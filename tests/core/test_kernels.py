@@ -960,6 +960,42 @@ def test_pdl_only_on_hopper_cuda_for_decode_rows_and_switchable(monkeypatch):
     assert not kernels.pdl(Cuda(), 1)
 
 
+def test_pdl_never_reads_weights_the_launch_just_copied(monkeypatch):
+    """A kernel reads its weights before its PDL wait, and a copy kernel's writes are certain to
+    be visible only after it: a launch that had to convert one of them right before (a norm
+    weight in another dtype, a non-contiguous weight or q/k norm weight) goes without PDL."""
+    launches = []
+
+    class Launcher:  # records what each launch asked for instead of running it
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((kw["PDL"], kw.get("launch_pdl", False)))
+
+    for module in (nl, nar):
+        monkeypatch.setattr(module, "jitted", lambda src: Launcher())
+        monkeypatch.setattr(module, "pdl", lambda x, rows: True)
+    bf = dict(dtype=torch.bfloat16)
+    x, nw, w = torch.randn(3, 64, **bf), torch.ones(64, **bf), torch.randn(96, 64, **bf)
+    strided = torch.randn(64, 96, **bf).t()  # a 96 x 64 weight whose rows are not contiguous
+    rope = _qk_rope(3, 16, 2, 2, **bf)
+    cases = [
+        (lambda: nl.norm_linear_triton(x, x, nw, 1e-6, w), True),
+        (lambda: nl.norm_linear_triton(x, x, nw.float(), 1e-6, w), False),
+        (lambda: nl.norm_linear_triton(x, x, nw, 1e-6, strided), False),
+        (lambda: nl.norm_linear_triton(x, x, nw, 1e-6, w[:, :64], swiglu=True), True),
+        (lambda: nl.norm_linear_triton(x, x, nw, 1e-6, w, rope=rope), True),
+        (lambda: nl.norm_linear_triton(x, x, nw, 1e-6, w, rope=rope._replace(
+            q_weight=torch.randn(32, **bf)[::2])), False),
+        (lambda: nl.norm_linear_triton(x, x, nw, 1e-6, w, rope=rope._replace(
+            positions=rope.positions[:, None].expand(3, 2)[:, 0])), True),  # positions: read after the wait
+        (lambda: nar.narrow_linear_triton(x, w), True),
+        (lambda: nar.narrow_linear_triton(x, strided), False),
+    ]
+    for i, (launch, want) in enumerate(cases):
+        launches.clear()
+        launch()
+        assert launches == [(want, want)], i
+
+
 @pytest.fixture(scope="module")
 def sm90_ptx():
     """The decode kernels compiled for an H100 (sm_90, with and without PDL), in a fresh process
