@@ -357,9 +357,9 @@ def norm_linear_triton(
     if y.numel() == 0:
         return y, s
     nw = norm_weight.to(x.dtype)
-    copied = copied or nw is not norm_weight or weight.stride(-1) != 1
+    copied = copied or nw is not norm_weight
     if weight.stride(-1) != 1:
-        weight = weight.contiguous()
+        weight, copied = weight.contiguous(), True
     _launch(_as_rows(x), None if residual is None else _as_rows(residual), None if s is None else s.view(-1, K),
             nw, weight, y.view(-1, N), eps, swiglu, rope, block_m, block_n, num_warps, pdl_ok=not copied)
     return y, s
