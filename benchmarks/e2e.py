@@ -11,7 +11,14 @@ the median of the per-round ratios ConvGPT / twin with its min-max.  Before ever
 the benchmark times a fixed piece of pure-Python work in its own process (the "host probe"):
 the table shows its spread over the rounds and says when the host's speed varied by more than
 a quarter, which makes every wall-clock ratio of that run doubtful (round 15: the twin's batch-256
-decode at 26-37k tok/s where round 12's host gave 44-55k).
+decode at 26-37k tok/s where round 12's host gave 44-55k).  Two sources of noise the harness
+itself made are gone since round 17: SGLang's idle scheduler polled its sockets in a busy loop, so
+the engine waiting its turn kept a core busy beside the timed one (now it sleeps on them,
+SGLang's ``sleep_on_idle``; ``--sglang-idle-spin`` for the old way), and Python's collector ran
+inside timed samples in this process, where the engines' front ends run (now everything built
+before the timing is frozen and the samples run without it, :class:`GCPauses`;
+``--gc-in-timed-runs`` for the old way, with each sample's pauses recorded).  ``--b-env
+CONVGPT_AA=1`` (a variable nothing reads) runs ConvGPT against itself: the harness's own spread.
 
 * prefill: N x L-token prompts, 1 output token each -> prompt tokens / s;
 * decode at batch B: B prompts of P tokens, T output tokens; decode tok/s = B * (T - 1) /
@@ -123,11 +130,12 @@ class Bench:
         return [torch.randint(10, 60000, (length,), generator=self.gen).tolist() for _ in range(n)]
 
     def timed(self, batch: list[list[int]], max_tokens: int) -> float:
-        _synchronize()
-        t = time.perf_counter()
-        self.engine.generate(batch, max_tokens)
-        _synchronize()
-        return time.perf_counter() - t
+        with GC_PAUSES.timing(collect=self.args.gc_in_timed_runs):
+            _synchronize()
+            t = time.perf_counter()
+            self.engine.generate(batch, max_tokens)
+            _synchronize()
+            return time.perf_counter() - t
 
     def prefill(self, batch) -> float:
         return len(batch) * len(batch[0]) / self.timed(batch, 1)
@@ -146,6 +154,48 @@ class Bench:
         return len(batch) / steady_step_s(self.engine.step_marks(batch, self.args.decode_tokens), len(batch))
 
 
+class GCPauses:
+    """Python's garbage collections in this process during timed samples.  The engine's front
+    end runs here (vLLM's output processing, SGLang's tokenizer manager), so a collection pause
+    inside a sample stalls the engine: before round 17 a full collection of the objects the
+    engines had built fell, by the deterministic allocation order, on the same round of every run
+    (SGLang batch-256 decode, ConvGPT's third round at half speed in rounds 15-17).  After the
+    warm-up, :func:`run` freezes what exists (``gc.freeze``: never scanned again) and the timed
+    samples run with the collector off; ``--gc-in-timed-runs`` keeps it on and the pauses are
+    recorded per sample (``gc_ms``)."""
+
+    def __init__(self) -> None:
+        self.ms, self._t0, self._on = 0.0, 0.0, False
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if not self._on:
+            return
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.ms += (time.perf_counter() - self._t0) * 1e3
+
+    @contextlib.contextmanager
+    def timing(self, collect: bool):
+        was = gc.isenabled()
+        if not collect:
+            gc.disable()
+        self._on = True
+        try:
+            yield
+        finally:
+            self._on = False
+            if was:
+                gc.enable()
+
+    def take(self) -> float:
+        """The pause recorded since the last ``take``, ms."""
+        ms, self.ms = self.ms, 0.0
+        return ms
+
+
+GC_PAUSES = GCPauses()
 PROBE_SPREAD = 1.25  # slowest / fastest host probe of a measurement above which the table warns
 
 
@@ -205,7 +255,7 @@ def engine_settings(args, **over):
         dtype=args.dtype, max_len=args.max_model_len, max_batch=args.batch, mem=args.gpu_mem / 2,
         prefix_cache=False, dummy=True, kv_cache_dtype=args.kv_cache_dtype, eager=False,
         quantization=args.quantization, chunk=args.chunk, detokenize=False, passes=tuple(args.vllm_pass),
-        **over))
+        sleep_on_idle=not args.sglang_idle_spin, **over))
 
 
 def measurements(args) -> list[tuple[str, str, int, int]]:
@@ -265,20 +315,26 @@ def run(args, paths: dict[str, str]) -> dict:
         print(f"{name}: engine up in {benches[name].start_s:.0f} s", file=sys.stderr, flush=True)
     for b in benches.values():  # warm-up: every shape class once
         b.timed(b.prompts(4, 64), 8)
+    if not args.gc_in_timed_runs:  # the engines' objects are never scanned again (GCPauses)
+        gc.collect()
+        gc.freeze()
     result = {"engine_start_s": {n: b.start_s for n, b in benches.items()}, "measurements": {}}
     for label, kind, batch, length in measurements(args):
-        samples, probes = {n: [] for n in MODELS}, {n: [] for n in MODELS}
+        samples, probes, pauses = ({n: [] for n in MODELS} for _ in range(3))
         inputs = {n: b.prompts(batch, length) for n, b in benches.items()}
         for _ in range(args.rounds):  # A/B/A/B
             for n in MODELS:
                 probes[n].append(host_probe_ms())
+                GC_PAUSES.take()
                 samples[n].append(getattr(benches[n], kind)(inputs[n]))
-        result["measurements"][label] = dict(summary(samples), host_probe_ms=probes)
+                pauses[n].append(GC_PAUSES.take())
+        result["measurements"][label] = dict(summary(samples), host_probe_ms=probes, gc_ms=pauses)
         print(label, json.dumps(result["measurements"][label]), file=sys.stderr, flush=True)
     if args.trace:
         result["host_traces"] = host_traces(args, benches, os.path.abspath(args.trace))
     for b in benches.values():
         b.engine.stop()
+    gc.unfreeze()  # the stopped engines' objects collectable again (GPU memory for what follows)
     gc.collect()
     return result
 
@@ -412,6 +468,10 @@ def table(data: dict) -> str:
         probe = probe_line(m[label].get("host_probe_ms", {}))
         if probe:
             lines.append(probe)
+        pauses = m[label].get("gc_ms", {})
+        if any(v >= 1.0 for n in MODELS for v in pauses.get(n, [])):  # --gc-in-timed-runs
+            lines.append("  Python gc pauses in the timed samples, ms per round: " + ", ".join(
+                f"{n} {' '.join(f'{v:.0f}' for v in pauses[n])}" for n in MODELS))
     starts = data["result"]["engine_start_s"]
     lines.append(f"engine start s: ConvGPT {starts['convgpt']:.0f}, twin {starts['twin']:.0f}; "
                  f"{data['args']['rounds']} interleaved rounds")
@@ -510,6 +570,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--b-env", action="append", default=[], metavar="VAR=VALUE",
                     help="instead of the twin, run ConvGPT a second time with VAR=VALUE in its engine's environment "
                          "(an A/B of a switch, e.g. CONVGPT_PDL=0); repeatable")
+    ap.add_argument("--sglang-idle-spin", action="store_true",
+                    help="SGLang's idle scheduler as it comes, polling in a busy loop (before round 17); by "
+                         "default it sleeps on its sockets, so the idle engine leaves the host to the timed one")
+    ap.add_argument("--gc-in-timed-runs", action="store_true",
+                    help="leave Python's collector on in timed samples, nothing frozen after the warm-up "
+                         "(as before round 17); each sample records its collections' pause (GCPauses)")
     ap.add_argument("--plot-only", nargs=2, metavar=("JSON", "PNG"))
     ap.add_argument("--table-only", metavar="JSON", help="print the table of an earlier result")
     return ap

@@ -45,6 +45,11 @@ class Settings:
     quantization: str | None = None  # the engine's weight quantization method, e.g. "fp8"
     lora_rank: int | None = None  # serve LoRA adapters up to this rank (generate(..., lora=DIR))
     detokenize: bool = True  # off: token ids only (benchmarks: text is not their business)
+    # SGLang on CUDA: an idle scheduler waits on its sockets (SGLang's sleep_on_idle) instead of
+    # polling them in a loop that keeps a core busy, so two engines up side by side (the
+    # benchmarks) do not take CPU from each other.  False: SGLang's default.  On a CPU the
+    # settings of `convgpt serve` (SGLANG_CPU) always sleep.
+    sleep_on_idle: bool = True
     passes: tuple[str, ...] = ()  # vLLM compile passes to switch on (pass_config), e.g. enable_qk_norm_rope_fusion
 
 
@@ -191,7 +196,7 @@ class SGLangDriver:
             # SGLang's CUDA RMSNorm takes 16-bit inputs only, so float32 fails on CUDA either way;
             # the GPU runs (parity, LoRA) are bf16.
             backend = "triton" if s.dtype == "float32" else "flashinfer"
-            kwargs.update(attention_backend=backend, mem_fraction_static=s.mem or 0.3)
+            kwargs.update(attention_backend=backend, mem_fraction_static=s.mem or 0.3, sleep_on_idle=s.sleep_on_idle)
             if s.eager or not s.graphs:
                 kwargs["disable_cuda_graph"] = True
         else:

@@ -315,3 +315,59 @@ def test_benchmark_b_env_runs_convgpt_twice_with_the_switch_in_one_engine(monkey
     assert "twin below" not in e2e.table({"args": vars(e2e.parser().parse_args([])), "result": result})
     with pytest.raises(SystemExit, match="VAR=VALUE"):
         e2e.b_env(e2e.parser().parse_args(["--b-env", "CONVGPT_PDL"]))
+
+
+def test_benchmark_samples_run_without_pythons_collector_unless_asked(monkeypatch):
+    """The engine's front end runs in the benchmark's process, so a garbage collection inside a
+    timed sample stalls the engine (round 17: a full collection fell on the same round of every
+    run).  After the warm-up what exists is frozen and the samples run with the collector off; the
+    run leaves the collector as it found it.  ``--gc-in-timed-runs`` keeps it on and records each
+    sample's pauses.  SGLang's idle scheduler sleeps unless ``--sglang-idle-spin``."""
+    import gc
+    import time
+
+    import e2e
+
+    import drivers
+
+    seen, settings = [], []
+
+    class Engine:  # allocates enough containers in each run to set off the collector when it is on
+        def __init__(self, s):
+            settings.append(s)
+
+        def generate(self, batch, tokens):
+            seen.append((gc.isenabled(), gc.get_freeze_count() > 0))
+            junk = [[] for _ in range(5000)]
+            for a, b in zip(junk, junk[1:]):
+                a.append(b)
+            time.sleep(0.002 * tokens)  # a decode that takes longer with more tokens
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(drivers, "start", lambda engine, path, s: Engine(s))
+    monkeypatch.setattr(e2e, "host_probe_ms", lambda: 1.0)
+    argv = ["--engine", "sglang", "--no-batch1", "--prefill-n", "0", "--rounds", "2", "--batch", "2"]
+    paths = {"convgpt": "a", "twin": "b"}
+    try:
+        result = e2e.run(e2e.parser().parse_args(argv), paths)
+        warm_up, timed = seen[:2], seen[2:]
+        assert warm_up == [(False, False)] * 2  # every run without the collector; frozen after these
+        assert timed and set(timed) == {(False, True)}
+        assert result["measurements"]["decode b2"]["gc_ms"] == {"convgpt": [0.0, 0.0], "twin": [0.0, 0.0]}
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+        assert [s.sleep_on_idle for s in settings] == [True, True]
+
+        seen.clear(), settings.clear()
+        result = e2e.run(e2e.parser().parse_args(argv + ["--gc-in-timed-runs", "--sglang-idle-spin"]), paths)
+        assert set(seen) == {(True, False)}
+        pauses = result["measurements"]["decode b2"]["gc_ms"]
+        assert all(v > 0 for n in e2e.MODELS for v in pauses[n]), pauses
+        assert [s.sleep_on_idle for s in settings] == [False, False]
+        pauses.update(convgpt=[12.0, 0.5], twin=[0.2, 0.1])
+        assert "gc pauses in the timed samples, ms per round: convgpt 12 0, twin 0 0" in e2e.table(
+            {"args": {"rounds": 2}, "result": result})
+    finally:
+        gc.unfreeze()
+        gc.enable()
