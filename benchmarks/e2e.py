@@ -157,12 +157,13 @@ class Bench:
 class GCPauses:
     """Python's garbage collections in this process during timed samples.  The engine's front
     end runs here (vLLM's output processing, SGLang's tokenizer manager), so a collection pause
-    inside a sample stalls the engine: before round 17 a full collection of the objects the
-    engines had built fell, by the deterministic allocation order, on the same round of every run
-    (SGLang batch-256 decode, ConvGPT's third round at half speed in rounds 15-17).  After the
-    warm-up, :func:`run` freezes what exists (``gc.freeze``: never scanned again) and the timed
-    samples run with the collector off; ``--gc-in-timed-runs`` keeps it on and the pauses are
-    recorded per sample (``gc_ms``)."""
+    inside a sample can stall the engine when it holds up handing in the requests or taking the
+    last output.  With the collector on, a full collection of what the engines had built (421 ms,
+    round 17) fell by the deterministic allocation order on the same sample of every run:
+    ConvGPT's third batch-256 round on SGLang, the round that ran at half speed in rounds 15-17.
+    After the warm-up, :func:`run` freezes what exists (``gc.freeze``: never scanned again) and
+    the timed samples run with the collector off; ``--gc-in-timed-runs`` keeps it on, and the
+    pauses are recorded per sample (``gc_ms``)."""
 
     def __init__(self) -> None:
         self.ms, self._t0, self._on = 0.0, 0.0, False

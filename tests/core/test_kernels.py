@@ -1026,6 +1026,19 @@ def test_pdl_kernels_wait_before_they_write(sm90_ptx, which):
     assert not [line for line in sm90_ptx[which + "_plain"] if line.startswith("griddepcontrol")]
 
 
+def test_fused_mlp_prototype_computes_the_sublayer(interp):
+    """``benchmarks/bench_fused_mlp.py``: the MLP sublayer as one kernel (gate/up, SwiGLU and down
+    with an ordered sum over intermediate slices), measured in round 17 at 2.3-2.9x the shipped
+    pair's time and kept with that measurement: it must still compute the sublayer (float64
+    evaluation, and the shipped pair's residual sum bit for bit) for the result to be
+    reproducible."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_fused_mlp
+
+    for dtype in (torch.float32, torch.bfloat16):
+        bench_fused_mlp.check(torch.device("cpu"), dtype, inner=256, tiles=bench_fused_mlp.TILES[:2])
+
+
 def test_gpu_layers_with_pdl_in_a_cuda_graph_match_plain_launches(gpu, monkeypatch):
     """Four fused layers (published widths: q+k+v with the q/k norm + RoPE, o_proj, gate/up +
     SwiGLU, down), an engine kernel between q+k+v and o_proj as attention stands in: captured in
