@@ -319,7 +319,7 @@ def test_benchmark_b_env_runs_convgpt_twice_with_the_switch_in_one_engine(monkey
 
 def test_benchmark_samples_run_without_pythons_collector_unless_asked(monkeypatch):
     """The engine's front end runs in the benchmark's process, so a garbage collection inside a
-    timed sample stalls the engine (round 17: a full collection fell on the same round of every
+    timed sample can stall the engine (round 17: a full collection fell on the same round of every
     run).  After the warm-up what exists is frozen and the samples run with the collector off; the
     run leaves the collector as it found it.  ``--gc-in-timed-runs`` keeps it on and records each
     sample's pauses.  SGLang's idle scheduler sleeps unless ``--sglang-idle-spin``."""
