@@ -244,7 +244,7 @@ def chain(batches: list[int], timed, say, save) -> None:
         for p in layers:
             rope = nl.QKRope(p["qw"], p["kw"], 1e-6, cos_sin, pos, Q_HEADS, KV_HEADS)
             h, res = nl.fused_decoder_layer(
-                h, res, (p["nw1"], 1e-6), p["wqkv"], lambda qkv, roped: qkv[..., :heads] * 1.0,
+                h, res, (p["nw1"], 1e-6), p["wqkv"], lambda qkv, roped, stored: qkv[..., :heads] * 1.0,
                 lambda x, w=p["wo"]: nar.narrow_linear(x, w), (p["nw2"], 1e-6), p["wgu"],
                 lambda x, w=p["wd"]: nar.narrow_linear(x, w), rope)
         return h, res

@@ -107,18 +107,45 @@ class QKRope(NamedTuple):
             raise ValueError(f"q/k norm + RoPE: {self.positions.numel()} positions for {rows} rows")
 
 
+class KVStore(NamedTuple):
+    """Where the q+k+v kernel with :class:`QKRope` also writes each row's k heads (normalised and
+    rotated) and v heads: into row ``slots[m]`` of the engine's paged KV cache, ``k_cache`` and
+    ``v_cache`` (``[cache rows, kv_heads, head_dim]``, one layer's buffers, each row's heads
+    dense, the model's dtype), which is what the engine's own cache write would have done; a
+    negative slot (a padded row) writes nothing.  The engine's attention is then told not to
+    write them again."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slots: torch.Tensor
+
+    def check(self, rows: int, rope: QKRope, dtype: torch.dtype) -> None:
+        want = (rope.kv_heads, rope.head_dim)
+        for name, c in (("k_cache", self.k_cache), ("v_cache", self.v_cache)):
+            if c.dim() != 3 or tuple(c.shape[1:]) != want or c.stride(2) != 1 or c.stride(1) != rope.head_dim:
+                raise ValueError(f"KV store: {name} {tuple(c.shape)} (strides {c.stride()}) is not "
+                                 f"[rows, {want[0]}, {want[1]}] with dense heads")
+            if c.dtype != dtype:
+                raise ValueError(f"KV store: {name} holds {c.dtype}, the q+k+v output is {dtype}")
+        if self.k_cache.shape[0] != self.v_cache.shape[0] or self.k_cache.stride(0) != self.v_cache.stride(0):
+            raise ValueError(f"KV store: k_cache {tuple(self.k_cache.shape)} and v_cache "
+                             f"{tuple(self.v_cache.shape)} differ in rows or row stride")
+        if self.slots.numel() != rows or self.slots.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"KV store: {self.slots.numel()} slots ({self.slots.dtype}) for {rows} rows")
+
+
 # --------------------------------------------------------------------------------------
 # The kernel
 
 
 def _norm_linear_src(
     x_ptr, r_ptr, s_ptr, nw_ptr, w_ptr, y_ptr,
-    qw_ptr, kw_ptr, cs_ptr, pos_ptr,
-    M, N, stride_x, stride_r, stride_s, stride_w, stride_y, stride_cs,
+    qw_ptr, kw_ptr, cs_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr,
+    M, N, stride_x, stride_r, stride_s, stride_w, stride_y, stride_cs, stride_c,
     eps, qk_eps,
     K: tl.constexpr, K_A: tl.constexpr, K_B: tl.constexpr,
     HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
-    ROPE: tl.constexpr, HALF: tl.constexpr, Q_HEADS: tl.constexpr, NORM_HEADS: tl.constexpr,
+    ROPE: tl.constexpr, HALF: tl.constexpr, Q_HEADS: tl.constexpr, NORM_HEADS: tl.constexpr, KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -130,7 +157,8 @@ def _norm_linear_src(
     BLOCK_N >= HALF columns from the head's start) and second half (HALF further on).  Heads
     below NORM_HEADS (q heads, then k heads) get their RMSNorm over the head (weight qw for
     the first Q_HEADS, kw after) and neox RoPE at the row's position (cs: cos | sin rows);
-    v heads are stored as they come.
+    v heads are stored as they come.  With KV (only with ROPE) the k and v heads also go to row
+    slot[m] of the k / v cache (kc, vc: rows of stride_c, heads of 2 * HALF), none for slot < 0.
 
     With PDL (programmatic dependent launch, :func:`convgpt_core.kernels.pdl`) the program
     loads its weights, then waits for the kernels before it: nothing it reads or writes after
@@ -225,6 +253,17 @@ def _norm_linear_src(
             acc_2 = x_2 * cos + x_1 * sin
         tl.store(y_ptr + rows[:, None] * stride_y + offs_2[None, :], acc_2.to(y_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
+        if KV:  # noqa: SIM102 - a constexpr test, then a run-time one
+            if pid_n >= Q_HEADS:  # a k head (normalised and rotated above) or a v head
+                if pid_n < NORM_HEADS:
+                    head_ptr = kc_ptr + (pid_n - Q_HEADS) * (2 * HALF)
+                else:
+                    head_ptr = vc_ptr + (pid_n - NORM_HEADS) * (2 * HALF)
+                slot = tl.load(slot_ptr + rows, mask=mask_m, other=-1).to(tl.int64)
+                at = head_ptr + slot[:, None] * stride_c + offs_h[None, :]
+                keep = (mask_m & (slot >= 0))[:, None] & mask_n[None, :]
+                tl.store(at, acc.to(kc_ptr.dtype.element_ty), mask=keep)
+                tl.store(at + HALF, acc_2.to(kc_ptr.dtype.element_ty), mask=keep)
     tl.store(y_ptr + rows[:, None] * stride_y + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
@@ -282,7 +321,8 @@ def _tiles(M: int, swiglu: bool, half_head: int = 0) -> tuple[int, int, int]:
     return bm, bn, 4
 
 
-def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, block_n, num_warps, pdl_ok=True):
+def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, block_n, num_warps, pdl_ok=True,
+            kv=None):
     M, K = x2.shape
     N = y2.shape[1]
     k_a, k_b = _d_blocks(K)
@@ -298,13 +338,14 @@ def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, blo
     on = pdl_ok and pdl(x2, M)
     qk = (x2, x2, x2, x2, 0, 0.0) if rope is None else (
         rope.q_weight, rope.k_weight, rope.cos_sin, rope.positions, rope.cos_sin.stride(0), float(rope.eps))
+    cache = (y2, y2, x2, 0) if kv is None else (kv.k_cache, kv.v_cache, kv.slots, kv.k_cache.stride(0))
     jitted(_norm_linear_src)[grid](
-        x2, r2 if has_res else x2, s2 if has_res else x2, norm_weight, weight, y2, *qk[:4],
+        x2, r2 if has_res else x2, s2 if has_res else x2, norm_weight, weight, y2, *qk[:4], *cache[:3],
         M, N, x2.stride(0), r2.stride(0) if has_res else 0, s2.stride(0) if has_res else 0,
-        weight.stride(0), y2.stride(0), qk[4], float(eps), qk[5],
+        weight.stride(0), y2.stride(0), qk[4], cache[3], float(eps), qk[5],
         K=K, K_A=k_a, K_B=k_b, HAS_RES=has_res, SWIGLU=swiglu,
         ROPE=rope is not None, HALF=half, Q_HEADS=0 if rope is None else rope.q_heads,
-        NORM_HEADS=0 if rope is None else rope.q_heads + rope.kv_heads, BLOCK_M=bm, BLOCK_N=bn,
+        NORM_HEADS=0 if rope is None else rope.q_heads + rope.kv_heads, KV=kv is not None, BLOCK_M=bm, BLOCK_N=bn,
         PRECISION=precision, UPCAST=upcast, PDL=on, num_warps=nw, num_stages=1, **({"launch_pdl": True} if on else {}),
     )
 
@@ -323,11 +364,13 @@ def norm_linear_triton(
     swiglu: bool = False,
     rope: QKRope | None = None,
     *,
+    kv: KVStore | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The kernel launch behind :func:`norm_linear` (same arguments and results); the
+    """The kernel launch behind :func:`norm_linear` (same arguments and results); with ``kv``
+    (and ``rope``) it also writes the k and v heads into the KV cache (:class:`KVStore`).  The
     keyword tile settings override the heuristic (benchmarks, tests; with ``rope`` a column
     block is half a head, whatever ``block_n`` says)."""
     if triton is None:  # pragma: no cover
@@ -351,6 +394,11 @@ def norm_linear_triton(
                               positions=rope.positions.reshape(-1).contiguous())  # the kernel reads them densely
         copied = dense.q_weight is not rope.q_weight or dense.k_weight is not rope.k_weight
         rope = dense
+    if kv is not None:
+        if rope is None:
+            raise ValueError("norm_linear: a KV store needs the q/k norm + RoPE epilogue (rope)")
+        kv.check(_rows(x), rope, x.dtype)
+        kv = kv._replace(slots=kv.slots.reshape(-1).contiguous())  # read after the PDL wait: a copy is safe
     lead = x.shape[:-1]
     y = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
     s = None if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -361,7 +409,7 @@ def norm_linear_triton(
     if weight.stride(-1) != 1:
         weight, copied = weight.contiguous(), True
     _launch(_as_rows(x), None if residual is None else _as_rows(residual), None if s is None else s.view(-1, K),
-            nw, weight, y.view(-1, N), eps, swiglu, rope, block_m, block_n, num_warps, pdl_ok=not copied)
+            nw, weight, y.view(-1, N), eps, swiglu, rope, block_m, block_n, num_warps, pdl_ok=not copied, kv=kv)
     return y, s
 
 
@@ -486,30 +534,49 @@ def qk_rope_of(q_norm: tuple[torch.Tensor, float], k_weight: torch.Tensor, rotar
     return QKRope(q_weight, k_weight, eps, cache, positions, q_heads, kv_heads)
 
 
+def kv_store_on() -> bool:
+    """Whether the adapters hand the q+k+v kernel their KV cache (:class:`KVStore`);
+    ``CONVGPT_KV_STORE=0`` leaves the cache write to the engine's attention, to rule it out or
+    measure it."""
+    return os.environ.get("CONVGPT_KV_STORE", "1") != "0"
+
+
 def fused_decoder_layer(
     h: torch.Tensor,
     residual: torch.Tensor | None,
     norm1: tuple[torch.Tensor, float],
     qkv_weight: torch.Tensor,
-    attend: Callable[[torch.Tensor, bool], torch.Tensor],
+    attend: Callable[[torch.Tensor, bool, bool], torch.Tensor],
     o_proj: Callable[[torch.Tensor], torch.Tensor],
     norm2: tuple[torch.Tensor, float],
     gate_up_weight: torch.Tensor,
     down: Callable[[torch.Tensor], torch.Tensor],
     qk_rope: QKRope | None = None,
+    kv_store: Callable[[], KVStore | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer with both norms in :func:`norm_linear`, for the adapters: ``h`` is the
     previous sublayer's output (the embeddings when ``residual`` is None), ``norm1``/``norm2``
-    are (weight, eps), ``attend(qkv, roped)`` maps q/k/v to the heads' output, ``o_proj`` and
+    are (weight, eps), ``attend(qkv, roped, stored)`` maps q/k/v to the heads' output, ``o_proj`` and
     ``down`` are the two linears back to the stream (the adapters pass
     :func:`convgpt_core.narrow_linear.narrow_linear` or the engine's row-parallel layer).
     With ``qk_rope`` the q/k norm and RoPE go into the q+k+v kernel's epilogue and ``attend``
     gets ``roped=True``: in a compiled graph (the op chooses kernel or unfused ops by rows) and
     eagerly up to :data:`MAX_ROWS` rows; larger eager steps leave them to ``attend`` (the
-    engine's own fused q/k-norm and RoPE kernels).  Returns (MLP output, residual stream), what
-    the engines' layers return."""
-    roped = qk_rope is not None and (torch.compiler.is_compiling() or _rows(h) <= MAX_ROWS)
-    qkv, s = norm_linear(h, residual, *norm1, qkv_weight, rope=qk_rope if roped else None)
+    engine's own fused q/k-norm and RoPE kernels).  ``kv_store`` gives the layer's KV cache
+    (:class:`KVStore`, None where the engine's cache layout does not allow it): eagerly, where the
+    kernel runs with ``qk_rope``, it then writes k and v into the cache too and ``attend`` gets
+    ``stored=True`` (the engine must not write them again).  Returns (MLP output, residual
+    stream), what the engines' layers return."""
+    compiling = torch.compiler.is_compiling()
+    roped = qk_rope is not None and (compiling or _rows(h) <= MAX_ROWS)
+    kv = None
+    if roped and kv_store is not None and not compiling and norm_linear_available(h, qkv_weight):
+        kv = kv_store()
+    if kv is not None:
+        qkv, s = norm_linear_triton(h, residual, *norm1, qkv_weight, rope=qk_rope, kv=kv)
+    else:
+        qkv, s = norm_linear(h, residual, *norm1, qkv_weight, rope=qk_rope if roped else None)
     residual = h if s is None else s
-    act, residual = norm_linear(o_proj(attend(qkv, roped)), residual, *norm2, gate_up_weight, swiglu=True)
+    act, residual = norm_linear(o_proj(attend(qkv, roped, kv is not None)), residual, *norm2, gate_up_weight,
+                                swiglu=True)
     return down(act), residual

@@ -612,6 +612,116 @@ def test_norm_linear_rope_rejects_what_does_not_fit(interp):
         nl.norm_linear_triton(x.to(f), None, nw.to(f), 1e-6, w.to(f), swiglu=True, rope=good)
 
 
+# --------------------------------------------------------------------------------------
+# the q+k+v kernel writing k and v into an engine's KV cache (KVStore)
+
+
+def _kv_cache(rows: int, kv_heads: int, hd: int, dtype, seed: int = 7):
+    """A k and a v cache as an engine holds them, one slot per row, filled with what earlier
+    tokens left (noise); the two share one buffer, so each row is strided past the other's."""
+    full = torch.randn(rows, 2, kv_heads, hd, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return full[:, 0], full[:, 1]
+
+
+def _kv_slots(M: int, cache_rows: int) -> torch.Tensor:
+    """M distinct cache rows in no order, the middle one -1 (a padded row, as engines mark them)."""
+    slots = torch.randperm(cache_rows, generator=torch.Generator().manual_seed(M))[:M]
+    if M > 1:
+        slots[M // 2] = -1
+    return slots
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M, K, hd, nq, nkv", [(1, 144, 32, 4, 2), (7, 64, 16, 2, 2), (33, 144, 24, 3, 1)])
+def test_norm_linear_writes_k_and_v_into_the_kv_cache(interp, M, K, hd, nq, nkv, dtype):
+    """With a KVStore the q+k+v kernel also writes each row's k heads (normalised and rotated)
+    and v heads into the cache row its slot names: the model's k and v (float64 reference),
+    bit for bit what the kernel returns for attention.  A padded row (slot -1) and every other
+    cache row are left as they were."""
+    _kv_check("cpu", dtype, M, K, hd, nq, nkv)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M", [1, 64, 256])
+def test_gpu_norm_linear_writes_k_and_v_into_the_kv_cache(gpu, M, dtype):
+    # the published q+k+v (16 q and 8 kv heads of 128 from D = 144), with PDL up to its row limit
+    _kv_check("cuda", dtype, M, 144, 128, 16, 8)
+
+
+def _kv_check(device, dtype, M, K, hd, nq, nkv):
+    x, r, nw, w = _nl_case(M, K, (nq + 2 * nkv) * hd, False)
+    qw, kw, pos, _ = _rope_case(M, hd, nq, nkv)
+    qkv, _ = _nl_reference(x, r, nw, 1e-6, w, False)
+    want = _qk_rope_reference(qkv, qw, kw, 1e-6, pos, nq, nkv).reshape(M, -1, hd)
+    cache_rows = 3 * M + 4
+    kc, vc = (c.to(device) for c in _kv_cache(cache_rows, nkv, hd, dtype))
+    old_k, old_v = kc.clone(), vc.clone()
+    slots = _kv_slots(M, cache_rows).to(device)
+    to = dict(device=device, dtype=dtype)
+    y, _ = nl.norm_linear_triton(x.to(**to), r.to(**to), nw.to(**to), 1e-6, w.to(**to),
+                                 rope=_qk_rope(M, hd, nq, nkv, **to), kv=nl.KVStore(kc, vc, slots))
+    heads = y.reshape(M, -1, hd)
+    torch.testing.assert_close(heads.double().cpu(), want, rtol=NL_TOL[dtype], atol=NL_TOL[dtype])
+    live = slots >= 0
+    assert torch.equal(kc[slots[live]], heads[live, nq:nq + nkv])
+    assert torch.equal(vc[slots[live]], heads[live, nq + nkv:])
+    untouched = torch.ones(cache_rows, dtype=torch.bool, device=device)
+    untouched[slots[live]] = False
+    assert torch.equal(kc[untouched], old_k[untouched]) and torch.equal(vc[untouched], old_v[untouched])
+
+
+def test_norm_linear_kv_store_rejects_what_does_not_fit(interp):
+    x, _, nw, w = _nl_case(3, 64, 64, False)  # 64 columns: 2 q + 2 x 1 kv heads of 16
+    f = torch.float32
+    rope = _qk_rope(3, 16, 2, 1, dtype=f)
+    kc, vc = _kv_cache(8, 1, 16, f)
+    good = nl.KVStore(kc, vc, torch.arange(3))
+
+    def run(kv, rope=rope):
+        nl.norm_linear_triton(x.to(f), None, nw.to(f), 1e-6, w.to(f), rope=rope, kv=kv)
+
+    with pytest.raises(ValueError, match="needs the q/k norm"):
+        run(good, rope=None)
+    with pytest.raises(ValueError, match=r"k_cache \(8, 2, 8\).*\[rows, 1, 16\]"):
+        run(good._replace(k_cache=torch.zeros(8, 2, 8)))
+    with pytest.raises(ValueError, match="v_cache holds torch.bfloat16"):
+        run(good._replace(v_cache=vc.to(torch.bfloat16)))
+    with pytest.raises(ValueError, match="differ in rows"):
+        run(good._replace(v_cache=vc[:5]))
+    with pytest.raises(ValueError, match="2 slots"):
+        run(good._replace(slots=torch.arange(2)))
+
+
+def test_fused_decoder_layer_hands_the_kv_cache_to_the_kernel_where_it_runs(interp, monkeypatch):
+    """The adapters' layer asks for the KV store only where its q+k+v kernel runs with the q/k
+    norm and RoPE (eagerly, up to MAX_ROWS rows): there the kernel writes k and v and attention
+    is told so (``stored``); a larger step leaves the cache to attention and never asks."""
+    layer = _Layer(nl.MAX_ROWS + 1, (16, 2, 1), 32, 48, device="cpu", dtype=torch.float32)
+    kc, vc = _kv_cache(2 * nl.MAX_ROWS + 8, 1, 16, torch.float32)
+    asked, told = [], []
+    run = layer.__call__
+
+    for m in (3, nl.MAX_ROWS + 1):
+        slots = _kv_slots(m, kc.shape[0])
+        layer.store = lambda m=m, slots=slots: asked.append(m) or nl.KVStore(kc, vc, slots)
+        layer.attend_seen = told
+        h, res, pos = layer.inputs(m)
+        y, s = run(h, res, pos)
+        layer.assert_matches(m, y, s, 1e-4)
+        if m == 3:  # the cache holds the step's k and v (float64 reference via the layer's q+k+v)
+            qkv, _ = _nl_reference(layer.x[:m], layer.r[:m], layer.nw1, 1e-6, layer.wqkv, False)
+            qw, kw, p, _ = _rope_case(layer.x.shape[0], 16, 2, 1)
+            want = _qk_rope_reference(qkv, qw, kw, 1e-6, p[:m], 2, 1).reshape(m, -1, 16)
+            live = slots >= 0
+            torch.testing.assert_close(kc[slots[live]].double(), want[live, 2:3], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(vc[slots[live]].double(), want[live, 3:], rtol=1e-4, atol=1e-4)
+    assert asked == [3] and told == [(3, True), (nl.MAX_ROWS + 1, False)]
+    monkeypatch.setenv("CONVGPT_KV_STORE", "0")
+    assert not nl.kv_store_on()
+    monkeypatch.delenv("CONVGPT_KV_STORE")
+    assert nl.kv_store_on()
+
+
 class _Rotary:
     """The attributes both engines' RotaryEmbedding carry."""
 
@@ -640,13 +750,13 @@ def test_fused_decoder_layer_composes_both_sublayers(interp, residual):
     _, _, nw2, wgu = _nl_case(5, 144, 40, True)
     wd = _nl_case(5, 40, 144, False)[3]
     f = torch.float32
-    attend = lambda qkv, roped: qkv[..., :160] * 0.5  # noqa: E731 - q/k/v -> the heads' output
+    attend = lambda qkv, roped, stored: qkv[..., :160] * 0.5  # noqa: E731 - q/k/v -> the heads' output
     o_proj = lambda heads: heads[..., :144] - heads[..., 16:]  # noqa: E731 - back to D wide
     down = lambda act: act @ wd.to(act.dtype).T  # noqa: E731
     y, s = nl.fused_decoder_layer(x.to(f), r.to(f) if residual else None, (nw1.to(f), 1e-6), wqkv.to(f), attend,
                                   o_proj, (nw2.to(f), 1e-6), wgu.to(f), down)
     qkv, s1 = _nl_reference(x, r if residual else None, nw1, 1e-6, wqkv, False)
-    act, want_s = _nl_reference(o_proj(attend(qkv, False)), s1, nw2, 1e-6, wgu, True)
+    act, want_s = _nl_reference(o_proj(attend(qkv, False, False)), s1, nw2, 1e-6, wgu, True)
     torch.testing.assert_close(y.double(), down(act), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s.double(), want_s, rtol=1e-5, atol=1e-5)
 
@@ -771,7 +881,7 @@ def test_fused_decoder_layer_with_narrow_linears(interp):
     _, _, nw2, wgu = _nl_case(5, 144, 40, True)
     wo, wd = _nar_case(5, 288, 144)[1], _nar_case(5, 40, 144)[1]
     f = torch.float32
-    y, s = nl.fused_decoder_layer(x.to(f), r.to(f), (nw1.to(f), 1e-6), wqkv.to(f), lambda qkv, roped: qkv,
+    y, s = nl.fused_decoder_layer(x.to(f), r.to(f), (nw1.to(f), 1e-6), wqkv.to(f), lambda qkv, roped, stored: qkv,
                                   lambda heads: nar.narrow_linear(heads, wo.to(f)), (nw2.to(f), 1e-6), wgu.to(f),
                                   lambda act: nar.narrow_linear(act, wd.to(f)))
     qkv, s1 = _nl_reference(x, r, nw1, 1e-6, wqkv, False)
@@ -794,16 +904,19 @@ class _Layer:
         self.rope = _qk_rope(rows, self.hd, self.nq, self.nkv, **to)
         self.heads, self.to = heads, to
         self.p = [t.to(**to) for t in (self.nw1, self.wqkv, self.wo, self.nw2, self.wgu, self.wd)]
+        self.store, self.attend_seen = None, None  # the KV store to hand over; (rows, stored) per attention
 
     def __call__(self, h, res, pos):
         p, rope = self.p, self.rope._replace(positions=pos)
 
-        def attend(qkv, roped):  # an engine's own q/k norm + RoPE where the kernel left them out
+        def attend(qkv, roped, stored):  # an engine's own q/k norm + RoPE where the kernel left them out
+            if self.attend_seen is not None:
+                self.attend_seen.append((qkv.shape[0], stored))
             return (qkv if roped else nl.qk_norm_rope_torch(qkv, rope))[..., :self.heads]
 
         return nl.fused_decoder_layer(h, res, (p[0], 1e-6), p[1], attend,
                                       lambda heads: nar.narrow_linear(heads, p[2]), (p[3], 1e-6), p[4],
-                                      lambda act: nar.narrow_linear(act, p[5]), rope)
+                                      lambda act: nar.narrow_linear(act, p[5]), rope, self.store)
 
     def inputs(self, m: int):
         return self.x[:m].to(**self.to), self.r[:m].to(**self.to), self.rope.positions[:m]
@@ -1010,7 +1123,7 @@ def sm90_ptx():
     return json.loads(done.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("which", ["norm_linear_rope", "norm_linear_swiglu", "narrow_linear"])
+@pytest.mark.parametrize("which", ["norm_linear_rope", "norm_linear_rope_kv", "norm_linear_swiglu", "narrow_linear"])
 def test_pdl_kernels_wait_before_they_write(sm90_ptx, which):
     """Compiled for sm_90 with PDL, each decode kernel waits once for the kernels before it
     (``griddepcontrol.wait``) and lets the next one start; before that wait it stores nothing

@@ -4,7 +4,8 @@ Loaded through PYTHONPATH by ``judge.assert_decode_kernels_match_reference`` onl
 process it starts and in any engine process that one starts (SGLang's scheduler).  With
 ``CONVGPT_TEST_KERNEL_LOG`` set, each call of ``norm_linear_triton``, ``narrow_linear_triton``
 or ``norm_linear_torch`` (norm_linear's unfused path for large batches) appends that name
-(with ``+rope`` when the q/k norm and RoPE ride along) and its rows to the file: the test then knows the engine went through the kernels and not around
+(with ``+rope`` when the q/k norm and RoPE ride along, ``+kv`` when it also writes the KV
+cache) and its rows to the file: the test then knows the engine went through the kernels and not around
 them.  The functions themselves are untouched.
 """
 
@@ -19,8 +20,9 @@ if _LOG:
 
         def run(*args, **kwargs):
             roped = (args[6] if len(args) > 6 else kwargs.get("rope")) is not None  # norm_linear's rope
+            tags = ("+rope" if roped else "") + ("+kv" if kwargs.get("kv") is not None else "")
             with open(_LOG, "a") as f:  # name, rows (tokens)
-                f.write(f"{name}{'+rope' if roped else ''} {args[0].numel() // max(1, args[0].shape[-1])}\n")
+                f.write(f"{name}{tags} {args[0].numel() // max(1, args[0].shape[-1])}\n")
             return launch(*args, **kwargs)
 
         setattr(module, name, run)

@@ -277,3 +277,40 @@ def test_sliding_layers_get_sglangs_paged_prefill(case, monkeypatch, caplog):
     monkeypatch.setenv(PAGED_PREFILL, "yes")  # SGLang's word for on: no warning
     prefill_windowed_layers_paged(config)
     assert PAGED_PREFILL not in caplog.text
+
+
+def test_kv_store_writes_where_sglangs_own_cache_write_does():
+    """The q+k+v kernel writes k and v into SGLang's KV pool itself (attention is then told not
+    to): the rows it is handed are the ones SGLang's own ``set_kv_buffer`` writes for the same
+    tokens, in the layer's own buffers, which attention reads.  Pools it cannot write that way
+    (fp8 storage, a model dtype other than the pool's, other head shapes, layer-by-layer loading,
+    a decode-context-parallel mask) are left to SGLang (None)."""
+    from types import SimpleNamespace
+
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from convgpt.sglang.model import plain_kv_store
+
+    def pool(dtype=torch.bfloat16):
+        return MHATokenToKVPool(size=16, page_size=1, dtype=dtype, head_num=2, head_dim=8, layer_num=3,
+                                device="cpu", enable_memory_saver=False)
+
+    ours, sglang = pool(), pool()
+    loc = torch.tensor([5, 9, 0])  # 0: SGLang's slot for padded rows
+    k, v = torch.randn(3, 2, 8).bfloat16(), torch.randn(3, 2, 8).bfloat16()
+    sglang.set_kv_buffer(SimpleNamespace(layer_id=1), loc, k, v)
+    batch = SimpleNamespace(out_cache_loc=loc, dcp_kv_mask=None)
+    kv = plain_kv_store(ours, batch, 1, 2, 8, torch.bfloat16)
+    kv.k_cache[kv.slots], kv.v_cache[kv.slots] = k, v  # what the kernel stores, row by row
+    for layer in range(3):
+        assert torch.equal(ours.get_key_buffer(layer), sglang.get_key_buffer(layer))
+        assert torch.equal(ours.get_value_buffer(layer), sglang.get_value_buffer(layer))
+    assert ours.get_key_buffer(1)[5].abs().sum() > 0
+
+    assert plain_kv_store(ours, batch, 1, 2, 8, torch.float16) is None
+    assert plain_kv_store(ours, batch, 1, 4, 8, torch.bfloat16) is None
+    masked = SimpleNamespace(out_cache_loc=loc, dcp_kv_mask=torch.ones(3, dtype=torch.bool))
+    assert plain_kv_store(ours, masked, 1, 2, 8, torch.bfloat16) is None
+    assert plain_kv_store(pool(torch.float8_e4m3fn), batch, 1, 2, 8, torch.bfloat16) is None
+    ours.layer_transfer_counter = object()  # hierarchical cache: layers arrive one by one
+    assert plain_kv_store(ours, batch, 1, 2, 8, torch.bfloat16) is None

@@ -35,7 +35,9 @@ from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.layers.utils import PPMissingLayer
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, PPProxyTensors
+from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
 from sglang.srt.model_loader.weight_utils import default_weight_loader
 from sglang.srt.models.utils import apply_qk_norm
 from sglang.srt.utils import add_prefix, make_layers
@@ -47,7 +49,14 @@ from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 from convgpt_core.kernels import compress, warm_up
 from convgpt_core.lora import fused_linear_dims
 from convgpt_core.narrow_linear import to_stream
-from convgpt_core.norm_linear import QKRope, fused_decoder_layer, norm_linear_available, qk_rope_of
+from convgpt_core.norm_linear import (
+    KVStore,
+    QKRope,
+    fused_decoder_layer,
+    kv_store_on,
+    norm_linear_available,
+    qk_rope_of,
+)
 
 logger = logging.getLogger(__name__)
 PAGED_PREFILL = "SGLANG_FLASHINFER_USE_PAGED"  # read by both versions' flashinfer backend at its start
@@ -149,6 +158,27 @@ def check_sliding_window(config: ConvGPTConfig, decode_backend: str | None) -> N
         )
 
 
+def plain_kv_store(pool, forward_batch: ForwardBatch, layer_id: int, kv_heads: int, head_dim: int,
+                   dtype: torch.dtype) -> KVStore | None:
+    """This layer's slice of SGLang's KV ``pool`` (the attention backend's, which both versions hand
+    out as ``get_token_to_kv_pool()``) for the q+k+v kernel to write (:class:`KVStore`),
+    where the pool is the plain one the attention backends write with one kernel per layer
+    (0.5.16 and 0.5.23): ``MHATokenToKVPool`` itself (not a hybrid, sliding-window, paged-major or
+    quantized subclass), its buffers in the model's dtype, one token per row ("nhd"), no
+    layer-by-layer loading (hierarchical cache) and no decode-context-parallel mask, so that
+    ``out_cache_loc`` is the row each new token's k and v go to.  None otherwise: attention then
+    writes them as usual."""
+    if (type(pool) is not MHATokenToKVPool or pool.is_quantized_kv_cache or pool.store_dtype != dtype
+            or pool.dtype != dtype or getattr(pool, "kv_cache_layout", "nhd") != "nhd"
+            or getattr(pool, "use_hnd", False) or pool.layer_transfer_counter is not None
+            or getattr(forward_batch, "dcp_kv_mask", None) is not None or forward_batch.out_cache_loc is None):
+        return None
+    k, v = pool.k_buffer[layer_id - pool.start_layer], pool.v_buffer[layer_id - pool.start_layer]
+    if any(t.dim() != 3 or tuple(t.shape[1:]) != (kv_heads, head_dim) for t in (k, v)):
+        return None
+    return KVStore(k, v, forward_batch.out_cache_loc)
+
+
 class ConvGPTAttention(nn.Module):
     def __init__(self, config: ConvGPTConfig, layer_id: int, quant_config, prefix: str) -> None:
         super().__init__()
@@ -182,16 +212,25 @@ class ConvGPTAttention(nn.Module):
         return out
 
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor, forward_batch: ForwardBatch,
-               roped: bool = False) -> torch.Tensor:
+               roped: bool = False, stored: bool = False) -> torch.Tensor:
         """Attention over q/k/v; ``roped``: the q/k norm and RoPE are in ``qkv`` already
-        (:meth:`qk_rope`, in the q+k+v kernel)."""
+        (:meth:`qk_rope`, in the q+k+v kernel); ``stored``: that kernel also wrote k and v into
+        the KV cache (:meth:`kv_store`), so attention does not write them again."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if not roped:
             # SGLang's Qwen3 path: one fused in-place q/k RMSNorm kernel on CUDA (per-head norm
             # otherwise); the generic RMSNorm over 128-wide rows was a third of prefill time.
             q, k = apply_qk_norm(q, k, self.q_norm, self.k_norm, self.head_dim)
             q, k = self.rotary_emb(positions, q, k)
-        return self.attn(q, k, v, forward_batch)
+        return self.attn(q, k, v, forward_batch, save_kv_cache=not stored)
+
+    def kv_store(self, forward_batch: ForwardBatch, dtype: torch.dtype) -> KVStore | None:
+        """The KV cache for the q+k+v kernel to write (None: attention writes it), unless
+        ``CONVGPT_KV_STORE=0``."""
+        if not kv_store_on():
+            return None
+        return plain_kv_store(get_token_to_kv_pool(), forward_batch, self.attn.layer_id, self.num_kv_heads,
+                              self.head_dim, dtype)
 
     def qk_rope(self, positions: torch.Tensor) -> QKRope | None:
         """The q/k norm and RoPE for the q+k+v kernel's epilogue (None: run here)."""
@@ -223,10 +262,11 @@ class ConvGPTDecoderLayer(nn.Module):
             attn, mlp = self.self_attn, self.mlp
             return fused_decoder_layer(
                 h, residual, (self.norm1.weight, self.norm1.variance_epsilon), attn.qkv_proj.weight,
-                lambda qkv, roped: attn.attend(positions, qkv, forward_batch, roped),
+                lambda qkv, roped, stored: attn.attend(positions, qkv, forward_batch, roped, stored),
                 to_stream(attn.o_proj, _plain(attn.o_proj)),
                 (self.norm2.weight, self.norm2.variance_epsilon), mlp.gate_up_proj.weight,
                 to_stream(mlp.down_proj, _plain(mlp.down_proj)), attn.qk_rope(positions),
+                lambda: attn.kv_store(forward_batch, h.dtype),
             )
         if residual is None:
             residual = h

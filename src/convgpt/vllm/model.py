@@ -183,7 +183,7 @@ class ConvGPTDecoderLayer(nn.Module):
             attn, mlp = self.self_attn, self.mlp
             return fused_decoder_layer(
                 h, residual, (self.norm1.weight, self.norm1.variance_epsilon), attn.qkv_proj.weight,
-                lambda qkv, roped: attn.attend(positions, qkv, roped), to_stream(attn.o_proj, _plain(attn.o_proj)),
+                lambda qkv, roped, _stored: attn.attend(positions, qkv, roped), to_stream(attn.o_proj, _plain(attn.o_proj)),
                 (self.norm2.weight, self.norm2.variance_epsilon), mlp.gate_up_proj.weight,
                 to_stream(mlp.down_proj, _plain(mlp.down_proj)), attn.qk_rope(positions),
             )
