@@ -249,29 +249,11 @@ def chain(batches: list[int], timed, say, save) -> None:
                 lambda x, w=p["wd"]: nar.narrow_linear(x, w), rope)
         return h, res
 
-    def deferred(h, res, pos):
-        """The same layers with o_proj and down leaving their K-split partials for the next
-        norm_linear to sum (``defer=True`` / ``x_split=True``): no cross-program sum, no counters."""
-        parts = None
-        for p in layers:
-            rope = nl.QKRope(p["qw"], p["kw"], 1e-6, cos_sin, pos, Q_HEADS, KV_HEADS)
-            qkv, res = nl.norm_linear_triton(h if parts is None else parts, res, p["nw1"], 1e-6, p["wqkv"],
-                                             rope=rope, x_split=parts is not None)
-            o = nar.narrow_linear_triton(qkv[..., :heads] * 1.0, p["wo"], defer=True)
-            act, res = nl.norm_linear_triton(o, res, p["nw2"], 1e-6, p["wgu"], True, x_split=True)
-            parts = nar.narrow_linear_triton(act, p["wd"], defer=True)
-        total = parts[0].clone()
-        for part in parts[1:]:  # in order, as the kernels sum them
-            total += part
-        return total.to(h.dtype), res
-
     assert kernels.pdl(cos_sin, 1), "PDL needs CUDA on compute capability 9.0+"
     shipped, kernels.PDL_MAX_ROWS = kernels.PDL_MAX_ROWS, 1 << 30  # PDL at every size here
     rows = []
     say(f"{LAYERS} layers per CUDA graph, us per layer (PDL at every size; shipped up to {shipped} rows)")
-    say("deferred: PDL, o_proj and down leave their K-split partials to the next kernel (equal bits where "
-        f"the shipped o_proj runs the kernel, up to {nar.MAX_ROWS} rows)")
-    say(f"{'M':>6}{'plain':>9}{'PDL':>9}{'saved':>8}{'deferred':>10}{'saved':>8}")
+    say(f"{'M':>6}{'plain':>9}{'PDL':>9}{'saved':>8}")
     for m in batches:
         h, res = randn(m, D), randn(m, D)
         pos = torch.randint(0, 8192, (m,), device=dev)
@@ -282,16 +264,8 @@ def chain(batches: list[int], timed, say, save) -> None:
         got = step(h, res, pos)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
         with_pdl = timed(step, h, res, pos) / LAYERS
-        got = deferred(h, res, pos)
-        if m <= nar.MAX_ROWS:
-            assert all(torch.equal(a, b) for a, b in zip(got, want)), m
-        else:  # the shipped o_proj is cuBLAS there: another summation order
-            for a, b in zip(got, want):
-                torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
-        defer = timed(deferred, h, res, pos) / LAYERS
-        rows.append(dict(m=m, layers=LAYERS, plain_us_per_layer=plain, pdl_us_per_layer=with_pdl,
-                         deferred_us_per_layer=defer))
-        say(f"{m:>6}{plain:>9.2f}{with_pdl:>9.2f}{plain - with_pdl:>8.2f}{defer:>10.2f}{with_pdl - defer:>8.2f}")
+        rows.append(dict(m=m, layers=LAYERS, plain_us_per_layer=plain, pdl_us_per_layer=with_pdl))
+        say(f"{m:>6}{plain:>9.2f}{with_pdl:>9.2f}{plain - with_pdl:>8.2f}")
         save(rows)
     kernels.PDL_MAX_ROWS = shipped
 

@@ -70,13 +70,12 @@ def _narrow_linear_src(
     M, N, K, stride_x, stride_w, stride_y,
     K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr, DEFER: tl.constexpr = False,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
     """y[m, n] = x[m] . w[n].  Program (i, j, s) covers rows i*BLOCK_M.., columns j*BLOCK_N..
     and K from s*K_PER_SPLIT (a multiple of BLOCK_K; a constant, so that the interpreter, too,
     loops over a plain integer).  With SPLIT > 1 it writes its fp32 tile to part[s], and the
-    tile's last program sums part[0..SPLIT) into y; with DEFER every program writes its partial
-    and none sums them (the kernel that reads the result does: ``norm_linear``'s ``x_split``).  With PDL it loads its first block of w,
+    tile's last program sums part[0..SPLIT) into y.  With PDL it loads its first block of w,
     then waits for the kernels before it (:func:`convgpt_core.kernels.pdl`) before it touches
     x, y, the partials or the counters."""
     pid_m = tl.program_id(0)
@@ -109,10 +108,8 @@ def _narrow_linear_src(
 
     out = y_ptr + rows[:, None] * stride_y + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT == 1 and not DEFER:
+    if SPLIT == 1:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    elif DEFER:
-        tl.store(part_ptr + pid_k * M * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
     else:
         tile = rows[:, None] * N + cols[None, :]  # partials: [SPLIT, M, N] fp32
         tl.store(part_ptr + pid_k * M * N + tile, acc, mask=mask)
@@ -167,21 +164,19 @@ def narrow_linear_triton(
     k_blocks_per_split: int | None = None,
     num_warps: int | None = None,
     block_n: int | None = None,
-    defer: bool = False,
 ) -> torch.Tensor:
     """The kernel launch behind :func:`narrow_linear`; the keyword tile settings override the
-    heuristic (benchmarks, tests).  ``defer``: return the K split's fp32 partials unsummed,
-    ``[splits, rows, N]``, for ``norm_linear_triton(..., x_split=True)`` to sum in its prologue
-    (the same sum in the same order, so the same bits)."""
+    heuristic (benchmarks, tests)."""
     if triton is None:  # pragma: no cover
         raise RuntimeError("narrow_linear_triton needs triton")
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"narrow_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit")
     N, K = weight.shape
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    if y.numel() == 0 or K == 0:
-        y = y.zero_()
-        return y.float()[None] if defer else y
+    if y.numel() == 0:
+        return y
+    if K == 0:
+        return y.zero_()
     x2 = _as_rows(x)
     M = x2.shape[0]
     copied = weight.stride(-1) != 1  # a copy just made: not read before a PDL wait
@@ -195,17 +190,17 @@ def narrow_linear_triton(
     grid_mn = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if grid_mn > _COUNTERS:
         split, k_per_split = 1, triton.cdiv(K, bk) * bk
-    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 or defer else y
+    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if split > 1 else y
     upcast = _interpreting() and x.dtype != torch.float32  # the interpreter multiplies 16-bit tiles as integers
     on = not copied and pdl(x2, M)
     jitted(_narrow_linear_src)[(triton.cdiv(M, bm), triton.cdiv(N, bn), split)](
         x2, weight, y.view(-1, N), part, _counters(x.device),
         M, N, K, x2.stride(0), weight.stride(0), N,
         K_PER_SPLIT=k_per_split, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast, PDL=on, DEFER=defer,
+        PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast, PDL=on,
         num_warps=nw, num_stages=3, **({"launch_pdl": True} if on else {}),
     )
-    return part.view(split, *x.shape[:-1], N) if defer else y
+    return y
 
 
 def _kernel_or_cublas(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -141,9 +141,9 @@ class KVStore(NamedTuple):
 def _norm_linear_src(
     x_ptr, r_ptr, s_ptr, nw_ptr, w_ptr, y_ptr,
     qw_ptr, kw_ptr, cs_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr,
-    M, N, stride_x, stride_r, stride_s, stride_w, stride_y, stride_cs, stride_c, stride_xs,
+    M, N, stride_x, stride_r, stride_s, stride_w, stride_y, stride_cs, stride_c,
     eps, qk_eps,
-    K: tl.constexpr, K_A: tl.constexpr, K_B: tl.constexpr, X_SPLIT: tl.constexpr,
+    K: tl.constexpr, K_A: tl.constexpr, K_B: tl.constexpr,
     HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
     ROPE: tl.constexpr, HALF: tl.constexpr, Q_HEADS: tl.constexpr, NORM_HEADS: tl.constexpr, KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -151,9 +151,7 @@ def _norm_linear_src(
 ):
     """y[m, n] = rmsnorm(x[m] (+ r[m])) . w[n]  (n < N; with SWIGLU: silu(. w[n]) * (. w[N + n]));
     s[m] = x[m] + r[m] written by the programs of column block 0.  K is covered by a block of
-    K_A columns plus an optional K_B block (both powers of two), e.g. 144 = 128 + 16.  With
-    X_SPLIT > 0, x is that many fp32 partials of the previous linear (``narrow_linear``'s
-    deferred K split, stride_xs apart): x[m] is their sum in order, rounded to y's dtype.
+    K_A columns plus an optional K_B block (both powers of two), e.g. 144 = 128 + 16.
 
     With ROPE (q+k+v), each program's columns are one head of 2 * HALF: its first half (the
     BLOCK_N >= HALF columns from the head's start) and second half (HALF further on).  Heads
@@ -215,28 +213,18 @@ def _norm_linear_src(
         sin = tl.load(cs_rows + HALF, mask=cs_mask, other=0.0).to(tl.float32)
 
     xa = tl.load(x_ptr + rows[:, None] * stride_x + offs_a[None, :], mask=mask_m[:, None] & mask_a[None, :], other=0.0)
-    for p in tl.static_range(1, X_SPLIT):  # the rest of the partials, summed in order
-        xa += tl.load(x_ptr + p * stride_xs + rows[:, None] * stride_x + offs_a[None, :],
-                      mask=mask_m[:, None] & mask_a[None, :], other=0.0)
-    if X_SPLIT > 0:
-        xa = xa.to(y_ptr.dtype.element_ty)
     if HAS_RES:
         ra = tl.load(r_ptr + rows[:, None] * stride_r + offs_a[None, :], mask=mask_m[:, None] & mask_a[None, :], other=0.0)
-        xa = (xa.to(tl.float32) + ra.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        xa = (xa.to(tl.float32) + ra.to(tl.float32)).to(x_ptr.dtype.element_ty)
         if pid_n == 0:
             tl.store(s_ptr + rows[:, None] * stride_s + offs_a[None, :], xa, mask=mask_m[:, None] & mask_a[None, :])
     xa = xa.to(tl.float32)
     sq = tl.sum(xa * xa, axis=1)
     if K_B > 0:
         xb = tl.load(x_ptr + rows[:, None] * stride_x + offs_b[None, :], mask=mask_m[:, None] & mask_b[None, :], other=0.0)
-        for p in tl.static_range(1, X_SPLIT):
-            xb += tl.load(x_ptr + p * stride_xs + rows[:, None] * stride_x + offs_b[None, :],
-                          mask=mask_m[:, None] & mask_b[None, :], other=0.0)
-        if X_SPLIT > 0:
-            xb = xb.to(y_ptr.dtype.element_ty)
         if HAS_RES:
             rb = tl.load(r_ptr + rows[:, None] * stride_r + offs_b[None, :], mask=mask_m[:, None] & mask_b[None, :], other=0.0)
-            xb = (xb.to(tl.float32) + rb.to(tl.float32)).to(y_ptr.dtype.element_ty)
+            xb = (xb.to(tl.float32) + rb.to(tl.float32)).to(x_ptr.dtype.element_ty)
             if pid_n == 0:
                 tl.store(s_ptr + rows[:, None] * stride_s + offs_b[None, :], xb, mask=mask_m[:, None] & mask_b[None, :])
         xb = xb.to(tl.float32)
@@ -334,9 +322,7 @@ def _tiles(M: int, swiglu: bool, half_head: int = 0) -> tuple[int, int, int]:
 
 
 def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, block_n, num_warps, pdl_ok=True,
-            kv=None, x_split=0):
-    """``x2``: the stream's rows, or with ``x_split`` the first of that many partials (float32,
-    each ``M * K`` apart)."""
+            kv=None):
     M, K = x2.shape
     N = y2.shape[1]
     k_a, k_b = _d_blocks(K)
@@ -345,8 +331,8 @@ def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, blo
     bm, nw = block_m or bm, num_warps or nw
     if rope is None:  # with RoPE a column block is half a head
         bn = block_n or bn
-    upcast = _interpreting() and weight.dtype != torch.float32  # the interpreter multiplies 16-bit tiles as integers
-    precision = "ieee" if weight.dtype == torch.float32 or upcast else "tf32"
+    upcast = _interpreting() and x2.dtype != torch.float32  # the interpreter multiplies 16-bit tiles as integers
+    precision = "ieee" if x2.dtype == torch.float32 or upcast else "tf32"
     has_res = r2 is not None
     grid = (triton.cdiv(M, bm), N // (2 * half) if rope is not None else triton.cdiv(N, bn))
     on = pdl_ok and pdl(x2, M)
@@ -356,8 +342,8 @@ def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, blo
     jitted(_norm_linear_src)[grid](
         x2, r2 if has_res else x2, s2 if has_res else x2, norm_weight, weight, y2, *qk[:4], *cache[:3],
         M, N, x2.stride(0), r2.stride(0) if has_res else 0, s2.stride(0) if has_res else 0,
-        weight.stride(0), y2.stride(0), qk[4], cache[3], M * K, float(eps), qk[5],
-        K=K, K_A=k_a, K_B=k_b, X_SPLIT=x_split, HAS_RES=has_res, SWIGLU=swiglu,
+        weight.stride(0), y2.stride(0), qk[4], cache[3], float(eps), qk[5],
+        K=K, K_A=k_a, K_B=k_b, HAS_RES=has_res, SWIGLU=swiglu,
         ROPE=rope is not None, HALF=half, Q_HEADS=0 if rope is None else rope.q_heads,
         NORM_HEADS=0 if rope is None else rope.q_heads + rope.kv_heads, KV=kv is not None, BLOCK_M=bm, BLOCK_N=bn,
         PRECISION=precision, UPCAST=upcast, PDL=on, num_warps=nw, num_stages=1, **({"launch_pdl": True} if on else {}),
@@ -379,26 +365,17 @@ def norm_linear_triton(
     rope: QKRope | None = None,
     *,
     kv: KVStore | None = None,
-    x_split: bool = False,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The kernel launch behind :func:`norm_linear` (same arguments and results); with ``kv``
-    (and ``rope``) it also writes the k and v heads into the KV cache (:class:`KVStore`); with
-    ``x_split``, ``x`` is the previous linear's float32 partials ``[splits, *rows, K]``
-    (``narrow_linear_triton(..., defer=True)``), summed in order and rounded to the weight's
-    dtype as that kernel would have, and the outputs are in the weight's dtype.  The
+    (and ``rope``) it also writes the k and v heads into the KV cache (:class:`KVStore`).  The
     keyword tile settings override the heuristic (benchmarks, tests; with ``rope`` a column
     block is half a head, whatever ``block_n`` says)."""
     if triton is None:  # pragma: no cover
         raise RuntimeError("norm_linear_triton needs triton")
     K = weight.shape[1]
-    parts = None
-    if x_split:  # the stream is the sum of x's partials: go on with its shape and dtype
-        if x.dtype != torch.float32 or x.dim() < 2:
-            raise ValueError(f"norm_linear: x_split takes float32 partials [splits, ..., K], got {x.dtype} {tuple(x.shape)}")
-        parts, x = x, x.new_empty(x.shape[1:], dtype=weight.dtype)  # stands in for the sum: shapes, dtype
     if x.shape[-1] != K or (residual is not None and residual.shape != x.shape):
         raise ValueError(
             f"norm_linear: x {tuple(x.shape)}, residual {None if residual is None else tuple(residual.shape)} "
@@ -431,10 +408,8 @@ def norm_linear_triton(
     copied = copied or nw is not norm_weight
     if weight.stride(-1) != 1:
         weight, copied = weight.contiguous(), True
-    x2 = _as_rows(x) if parts is None else parts.reshape(parts.shape[0], -1, K).contiguous()[0]
-    _launch(x2, None if residual is None else _as_rows(residual), None if s is None else s.view(-1, K),
-            nw, weight, y.view(-1, N), eps, swiglu, rope, block_m, block_n, num_warps, pdl_ok=not copied, kv=kv,
-            x_split=0 if parts is None else parts.shape[0])
+    _launch(_as_rows(x), None if residual is None else _as_rows(residual), None if s is None else s.view(-1, K),
+            nw, weight, y.view(-1, N), eps, swiglu, rope, block_m, block_n, num_warps, pdl_ok=not copied, kv=kv)
     return y, s
 
 

@@ -17,16 +17,14 @@ from convgpt_core import norm_linear as nl
 NL_TYPES = dict(x_ptr="*bf16", r_ptr="*bf16", s_ptr="*bf16", nw_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16",
                 qw_ptr="*bf16", kw_ptr="*bf16", cs_ptr="*bf16", pos_ptr="*i64", kc_ptr="*bf16", vc_ptr="*bf16",
                 slot_ptr="*i64", M="i32", N="i32", stride_x="i32", stride_r="i32", stride_s="i32", stride_w="i32",
-                stride_y="i32", stride_cs="i32", stride_c="i32", stride_xs="i32", eps="fp32", qk_eps="fp32")
-NL_ROPE = dict(K=144, K_A=128, K_B=16, X_SPLIT=0, HAS_RES=True, SWIGLU=False, ROPE=True, HALF=64, Q_HEADS=16,
+                stride_y="i32", stride_cs="i32", stride_c="i32", eps="fp32", qk_eps="fp32")
+NL_ROPE = dict(K=144, K_A=128, K_B=16, HAS_RES=True, SWIGLU=False, ROPE=True, HALF=64, Q_HEADS=16,
                NORM_HEADS=24, KV=False, BLOCK_M=16, BLOCK_N=64, PRECISION="tf32", UPCAST=False)
 NL_ROPE_KV = dict(NL_ROPE, KV=True)
 NL_SWIGLU = dict(NL_ROPE, SWIGLU=True, ROPE=False, HALF=0, Q_HEADS=0, NORM_HEADS=0, BLOCK_N=32)
-NL_SWIGLU_SPLIT = dict(NL_SWIGLU, X_SPLIT=8)  # x: o_proj's eight deferred partials
 NAR_TYPES = dict(x_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32", count_ptr="*i32", M="i32",
                  N="i32", K="i32", stride_x="i32", stride_w="i32", stride_y="i32")
 NAR = dict(K_PER_SPLIT=256, SPLIT=8, BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, PRECISION="tf32", UPCAST=False)
-NAR_DEFER = dict(NAR, DEFER=True)
 
 
 def ptx(src, types: dict, constexprs: dict, pdl: bool) -> list[str]:
@@ -44,9 +42,7 @@ if __name__ == "__main__":
     kernels = {"norm_linear_rope": (nl._norm_linear_src, NL_TYPES, NL_ROPE),
                "norm_linear_rope_kv": (nl._norm_linear_src, NL_TYPES, NL_ROPE_KV),
                "norm_linear_swiglu": (nl._norm_linear_src, NL_TYPES, NL_SWIGLU),
-               "norm_linear_swiglu_split": (nl._norm_linear_src, dict(NL_TYPES, x_ptr="*fp32"), NL_SWIGLU_SPLIT),
-               "narrow_linear": (nar._narrow_linear_src, NAR_TYPES, NAR),
-               "narrow_linear_defer": (nar._narrow_linear_src, NAR_TYPES, NAR_DEFER)}
+               "narrow_linear": (nar._narrow_linear_src, NAR_TYPES, NAR)}
     out = {}
     for name, (src, types, consts) in kernels.items():
         out[name] = ptx(src, types, consts, True)
