@@ -284,7 +284,8 @@ def test_kv_store_writes_where_sglangs_own_cache_write_does():
     to): the rows it is handed are the ones SGLang's own ``set_kv_buffer`` writes for the same
     tokens, in the layer's own buffers, which attention reads.  Pools it cannot write that way
     (fp8 storage, a model dtype other than the pool's, other head shapes, layer-by-layer loading,
-    a decode-context-parallel mask) are left to SGLang (None)."""
+    a decode-context-parallel mask) and steps whose rows do not each have a slot are left to
+    SGLang (None)."""
     from types import SimpleNamespace
 
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
@@ -300,17 +301,19 @@ def test_kv_store_writes_where_sglangs_own_cache_write_does():
     k, v = torch.randn(3, 2, 8).bfloat16(), torch.randn(3, 2, 8).bfloat16()
     sglang.set_kv_buffer(SimpleNamespace(layer_id=1), loc, k, v)
     batch = SimpleNamespace(out_cache_loc=loc, dcp_kv_mask=None)
-    kv = plain_kv_store(ours, batch, 1, 2, 8, torch.bfloat16)
+    h = torch.zeros(3, 16, dtype=torch.bfloat16)  # the layer's input: one row per new token
+    kv = plain_kv_store(ours, batch, 1, 2, 8, h)
     kv.k_cache[kv.slots], kv.v_cache[kv.slots] = k, v  # what the kernel stores, row by row
     for layer in range(3):
         assert torch.equal(ours.get_key_buffer(layer), sglang.get_key_buffer(layer))
         assert torch.equal(ours.get_value_buffer(layer), sglang.get_value_buffer(layer))
     assert ours.get_key_buffer(1)[5].abs().sum() > 0
 
-    assert plain_kv_store(ours, batch, 1, 2, 8, torch.float16) is None
-    assert plain_kv_store(ours, batch, 1, 4, 8, torch.bfloat16) is None
+    assert plain_kv_store(ours, batch, 1, 2, 8, h.half()) is None
+    assert plain_kv_store(ours, batch, 1, 4, 8, h) is None
+    assert plain_kv_store(ours, batch, 1, 2, 8, h[:2]) is None  # rows without a slot each
     masked = SimpleNamespace(out_cache_loc=loc, dcp_kv_mask=torch.ones(3, dtype=torch.bool))
-    assert plain_kv_store(ours, masked, 1, 2, 8, torch.bfloat16) is None
-    assert plain_kv_store(pool(torch.float8_e4m3fn), batch, 1, 2, 8, torch.bfloat16) is None
+    assert plain_kv_store(ours, masked, 1, 2, 8, h) is None
+    assert plain_kv_store(pool(torch.float8_e4m3fn), batch, 1, 2, 8, h) is None
     ours.layer_transfer_counter = object()  # hierarchical cache: layers arrive one by one
-    assert plain_kv_store(ours, batch, 1, 2, 8, torch.bfloat16) is None
+    assert plain_kv_store(ours, batch, 1, 2, 8, h) is None

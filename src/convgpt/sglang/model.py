@@ -159,24 +159,26 @@ def check_sliding_window(config: ConvGPTConfig, decode_backend: str | None) -> N
 
 
 def plain_kv_store(pool, forward_batch: ForwardBatch, layer_id: int, kv_heads: int, head_dim: int,
-                   dtype: torch.dtype) -> KVStore | None:
+                   h: torch.Tensor) -> KVStore | None:
     """This layer's slice of SGLang's KV ``pool`` (the attention backend's, which both versions hand
     out as ``get_token_to_kv_pool()``) for the q+k+v kernel to write (:class:`KVStore`),
     where the pool is the plain one the attention backends write with one kernel per layer
     (0.5.16 and 0.5.23): ``MHATokenToKVPool`` itself (not a hybrid, sliding-window, paged-major or
     quantized subclass), its buffers in the model's dtype, one token per row ("nhd"), no
     layer-by-layer loading (hierarchical cache) and no decode-context-parallel mask, so that
-    ``out_cache_loc`` is the row each new token's k and v go to.  None otherwise: attention then
-    writes them as usual."""
+    ``out_cache_loc`` is the row each new token's k and v go to, one per row of the layer's
+    input ``h``.  None otherwise: attention then writes them as usual."""
+    dtype, loc = h.dtype, forward_batch.out_cache_loc
     if (type(pool) is not MHATokenToKVPool or pool.is_quantized_kv_cache or pool.store_dtype != dtype
             or pool.dtype != dtype or getattr(pool, "kv_cache_layout", "nhd") != "nhd"
             or getattr(pool, "use_hnd", False) or pool.layer_transfer_counter is not None
-            or getattr(forward_batch, "dcp_kv_mask", None) is not None or forward_batch.out_cache_loc is None):
+            or getattr(forward_batch, "dcp_kv_mask", None) is not None or loc is None
+            or loc.numel() != h.numel() // h.shape[-1]):
         return None
     k, v = pool.k_buffer[layer_id - pool.start_layer], pool.v_buffer[layer_id - pool.start_layer]
     if any(t.dim() != 3 or tuple(t.shape[1:]) != (kv_heads, head_dim) for t in (k, v)):
         return None
-    return KVStore(k, v, forward_batch.out_cache_loc)
+    return KVStore(k, v, loc)
 
 
 class ConvGPTAttention(nn.Module):
@@ -224,13 +226,13 @@ class ConvGPTAttention(nn.Module):
             q, k = self.rotary_emb(positions, q, k)
         return self.attn(q, k, v, forward_batch, save_kv_cache=not stored)
 
-    def kv_store(self, forward_batch: ForwardBatch, dtype: torch.dtype) -> KVStore | None:
-        """The KV cache for the q+k+v kernel to write (None: attention writes it), unless
-        ``CONVGPT_KV_STORE=0``."""
+    def kv_store(self, forward_batch: ForwardBatch, h: torch.Tensor) -> KVStore | None:
+        """The KV cache for the q+k+v kernel reading ``h`` to write (None: attention writes it),
+        unless ``CONVGPT_KV_STORE=0``."""
         if not kv_store_on():
             return None
         return plain_kv_store(get_token_to_kv_pool(), forward_batch, self.attn.layer_id, self.num_kv_heads,
-                              self.head_dim, dtype)
+                              self.head_dim, h)
 
     def qk_rope(self, positions: torch.Tensor) -> QKRope | None:
         """The q/k norm and RoPE for the q+k+v kernel's epilogue (None: run here)."""
@@ -266,7 +268,7 @@ class ConvGPTDecoderLayer(nn.Module):
                 to_stream(attn.o_proj, _plain(attn.o_proj)),
                 (self.norm2.weight, self.norm2.variance_epsilon), mlp.gate_up_proj.weight,
                 to_stream(mlp.down_proj, _plain(mlp.down_proj)), attn.qk_rope(positions),
-                lambda: attn.kv_store(forward_batch, h.dtype),
+                lambda: attn.kv_store(forward_batch, h),
             )
         if residual is None:
             residual = h
