@@ -175,7 +175,7 @@ def plain_kv_store(pool, forward_batch: ForwardBatch, layer_id: int, kv_heads: i
             or getattr(forward_batch, "dcp_kv_mask", None) is not None or loc is None
             or loc.numel() != h.numel() // h.shape[-1]):
         return None
-    k, v = pool.k_buffer[layer_id - pool.start_layer], pool.v_buffer[layer_id - pool.start_layer]
+    k, v = pool.get_kv_buffer(layer_id)
     if any(t.dim() != 3 or tuple(t.shape[1:]) != (kv_heads, head_dim) for t in (k, v)):
         return None
     return KVStore(k, v, loc)
