@@ -699,19 +699,14 @@ def test_fused_decoder_layer_hands_the_kv_cache_to_the_kernel_where_it_runs(inte
     layer = _Layer(nl.MAX_ROWS + 1, (16, 2, 1), 32, 48, device="cpu", dtype=torch.float32)
     kc, vc = _kv_cache(2 * nl.MAX_ROWS + 8, 1, 16, torch.float32)
     asked, told = [], []
-    run = layer.__call__
-
+    layer.attend_seen = told
     for m in (3, nl.MAX_ROWS + 1):
         slots = _kv_slots(m, kc.shape[0])
         layer.store = lambda m=m, slots=slots: asked.append(m) or nl.KVStore(kc, vc, slots)
-        layer.attend_seen = told
-        h, res, pos = layer.inputs(m)
-        y, s = run(h, res, pos)
+        y, s = layer(*layer.inputs(m))
         layer.assert_matches(m, y, s, 1e-4)
         if m == 3:  # the cache holds the step's k and v (float64 reference via the layer's q+k+v)
-            qkv, _ = _nl_reference(layer.x[:m], layer.r[:m], layer.nw1, 1e-6, layer.wqkv, False)
-            qw, kw, p, _ = _rope_case(layer.x.shape[0], 16, 2, 1)
-            want = _qk_rope_reference(qkv, qw, kw, 1e-6, p[:m], 2, 1).reshape(m, -1, 16)
+            want = layer.qkv_reference(m)[0].reshape(m, -1, 16)
             live = slots >= 0
             torch.testing.assert_close(kc[slots[live]].double(), want[live, 2:3], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(vc[slots[live]].double(), want[live, 3:], rtol=1e-4, atol=1e-4)
@@ -921,10 +916,15 @@ class _Layer:
     def inputs(self, m: int):
         return self.x[:m].to(**self.to), self.r[:m].to(**self.to), self.rope.positions[:m]
 
-    def assert_matches(self, m: int, y, s, tol: float) -> None:
+    def qkv_reference(self, m: int):
+        """float64: the first m rows' q/k/v as attention reads them (q/k normalised and rotated)
+        and the residual sum."""
         qkv, s1 = _nl_reference(self.x[:m], self.r[:m], self.nw1, 1e-6, self.wqkv, False)
         qw, kw, pos, _ = _rope_case(self.x.shape[0], self.hd, self.nq, self.nkv)
-        qkv = _qk_rope_reference(qkv, qw, kw, 1e-6, pos[:m], self.nq, self.nkv)
+        return _qk_rope_reference(qkv, qw, kw, 1e-6, pos[:m], self.nq, self.nkv), s1
+
+    def assert_matches(self, m: int, y, s, tol: float) -> None:
+        qkv, s1 = self.qkv_reference(m)
         act, want_s = _nl_reference(qkv[:, :self.heads] @ self.wo.T, s1, self.nw2, 1e-6, self.wgu, True)
         torch.testing.assert_close(y.double().cpu(), act @ self.wd.T, rtol=tol, atol=tol)
         torch.testing.assert_close(s.double().cpu(), want_s, rtol=tol, atol=tol)
