@@ -2,7 +2,7 @@
 ever see more rows than the kernels take.
 
 Under ``torch.compile`` the adapters call ``convgpt::norm_linear`` (``norm_linear_rope`` at
-the q+k+v site) and ``convgpt::narrow_linear``: opaque ops, so one graph serves every batch size and each call
+the q+k+v site, ``norm_linear_rope_kv`` where it also writes the KV cache) and ``convgpt::narrow_linear``: opaque ops, so one graph serves every batch size and each call
 chooses by rows when it runs (the kernels up to their row limits, the unfused ops above).
 Above the limits that choice is paid for on the host: every call goes through the
 dispatcher into Python and launches the unfused ops one by one from there, 128 calls per
@@ -12,7 +12,8 @@ prefill waited on exactly that host time (round 7: the GPU idle 174 of 219 ms).
 An engine that compiles a separate graph for token counts above :data:`FUSED_UP_TO` (vLLM:
 compile ranges) runs :func:`unfuse_ops` on that graph: each op call is replaced by the aten
 ops of its unfused path (residual add, RMSNorm, the GEMM, SiLU*mul or the q/k norm and
-RoPE; the plain GEMM for ``narrow_linear``), which Inductor then fuses and launches from its generated code, as it
+RoPE, then ``convgpt::kv_cache_write`` for the KV cache; the plain GEMM for
+``narrow_linear``), which Inductor then fuses and launches from its generated code, as it
 does for the engine's own Qwen3.  Graphs for smaller counts keep the ops.
 """
 
@@ -44,10 +45,18 @@ def _norm_linear_rope_aten(x, residual, norm_weight, eps, weight, *rope):
     return _norm_linear_aten(x, residual, norm_weight, eps, weight, False, _norm.QKRope(*rope))
 
 
+def _norm_linear_rope_kv_aten(x, residual, norm_weight, eps, weight, *rope):
+    """``norm_linear_rope_kv``: the same, then the engine's cache write of its k and v heads."""
+    y, s = _norm_linear_rope_aten(x, residual, norm_weight, eps, weight, *rope)
+    torch.ops.convgpt.kv_cache_write(y, weight, rope[5], rope[6])
+    return y, s
+
+
 # op name -> (its number of arguments, its unfused path taking the op's arguments)
 _UNFUSED = {
     "norm_linear": (6, _norm_linear_aten),
     "norm_linear_rope": (12, _norm_linear_rope_aten),
+    "norm_linear_rope_kv": (12, _norm_linear_rope_kv_aten),
     "narrow_linear": (2, F.linear),
 }
 

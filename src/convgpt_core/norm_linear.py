@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -110,10 +110,12 @@ class QKRope(NamedTuple):
 class KVStore(NamedTuple):
     """Where the q+k+v kernel with :class:`QKRope` also writes each row's k heads (normalised and
     rotated) and v heads: into row ``slots[m]`` of the engine's paged KV cache, ``k_cache`` and
-    ``v_cache`` (``[cache rows, kv_heads, head_dim]``, one layer's buffers, each row's heads
-    dense, the model's dtype), which is what the engine's own cache write would have done; a
-    negative slot (a padded row) writes nothing.  The engine's attention is then told not to
-    write them again."""
+    ``v_cache`` (``[cache rows, kv_heads, head_dim]`` views of one layer's buffers in the model's
+    dtype, each head's values dense; the rows and heads may be strided, as where the engine keeps
+    a slot's k and v heads side by side), which is what the engine's own cache write would have
+    done.  A negative slot (a padded row) writes nothing, and so do the rows past the last slot
+    (an engine whose slots cover the real rows only).  The engine's attention is then told not
+    to write them again."""
 
     k_cache: torch.Tensor
     v_cache: torch.Tensor
@@ -122,15 +124,15 @@ class KVStore(NamedTuple):
     def check(self, rows: int, rope: QKRope, dtype: torch.dtype) -> None:
         want = (rope.kv_heads, rope.head_dim)
         for name, c in (("k_cache", self.k_cache), ("v_cache", self.v_cache)):
-            if c.dim() != 3 or tuple(c.shape[1:]) != want or c.stride(2) != 1 or c.stride(1) != rope.head_dim:
+            if c.dim() != 3 or tuple(c.shape[1:]) != want or c.stride(2) != 1 or c.stride(1) < rope.head_dim:
                 raise ValueError(f"KV store: {name} {tuple(c.shape)} (strides {c.stride()}) is not "
                                  f"[rows, {want[0]}, {want[1]}] with dense heads")
             if c.dtype != dtype:
                 raise ValueError(f"KV store: {name} holds {c.dtype}, the q+k+v output is {dtype}")
-        if self.k_cache.shape[0] != self.v_cache.shape[0] or self.k_cache.stride(0) != self.v_cache.stride(0):
-            raise ValueError(f"KV store: k_cache {tuple(self.k_cache.shape)} and v_cache "
-                             f"{tuple(self.v_cache.shape)} differ in rows or row stride")
-        if self.slots.numel() != rows or self.slots.dtype not in (torch.int32, torch.int64):
+        if self.k_cache.shape[0] != self.v_cache.shape[0] or self.k_cache.stride() != self.v_cache.stride():
+            raise ValueError(f"KV store: k_cache {tuple(self.k_cache.shape)} (strides {self.k_cache.stride()}) and "
+                             f"v_cache {tuple(self.v_cache.shape)} (strides {self.v_cache.stride()}) differ")
+        if self.slots.numel() > rows or self.slots.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"KV store: {self.slots.numel()} slots ({self.slots.dtype}) for {rows} rows")
 
 
@@ -141,7 +143,7 @@ class KVStore(NamedTuple):
 def _norm_linear_src(
     x_ptr, r_ptr, s_ptr, nw_ptr, w_ptr, y_ptr,
     qw_ptr, kw_ptr, cs_ptr, pos_ptr, kc_ptr, vc_ptr, slot_ptr,
-    M, N, stride_x, stride_r, stride_s, stride_w, stride_y, stride_cs, stride_c,
+    M, N, stride_x, stride_r, stride_s, stride_w, stride_y, stride_cs, stride_c, stride_ch, n_slots,
     eps, qk_eps,
     K: tl.constexpr, K_A: tl.constexpr, K_B: tl.constexpr,
     HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
@@ -158,7 +160,8 @@ def _norm_linear_src(
     below NORM_HEADS (q heads, then k heads) get their RMSNorm over the head (weight qw for
     the first Q_HEADS, kw after) and neox RoPE at the row's position (cs: cos | sin rows);
     v heads are stored as they come.  With KV (only with ROPE) the k and v heads also go to row
-    slot[m] of the k / v cache (kc, vc: rows of stride_c, heads of 2 * HALF), none for slot < 0.
+    slot[m] of the k / v cache (kc, vc: rows of stride_c, heads of stride_ch), none for slot < 0
+    or m >= n_slots.
 
     With PDL (programmatic dependent launch, :func:`convgpt_core.kernels.pdl`) the program
     loads its weights, then waits for the kernels before it: nothing it reads or writes after
@@ -256,12 +259,13 @@ def _norm_linear_src(
         if KV:  # noqa: SIM102 - a constexpr test, then a run-time one
             if pid_n >= Q_HEADS:  # a k head (normalised and rotated above) or a v head
                 if pid_n < NORM_HEADS:
-                    head_ptr = kc_ptr + (pid_n - Q_HEADS) * (2 * HALF)
+                    head_ptr = kc_ptr + (pid_n - Q_HEADS) * stride_ch
                 else:
-                    head_ptr = vc_ptr + (pid_n - NORM_HEADS) * (2 * HALF)
-                slot = tl.load(slot_ptr + rows, mask=mask_m, other=-1).to(tl.int64)
+                    head_ptr = vc_ptr + (pid_n - NORM_HEADS) * stride_ch
+                has_slot = mask_m & (rows < n_slots)
+                slot = tl.load(slot_ptr + rows, mask=has_slot, other=-1).to(tl.int64)
                 at = head_ptr + slot[:, None] * stride_c + offs_h[None, :]
-                keep = (mask_m & (slot >= 0))[:, None] & mask_n[None, :]
+                keep = (has_slot & (slot >= 0))[:, None] & mask_n[None, :]
                 tl.store(at, acc.to(kc_ptr.dtype.element_ty), mask=keep)
                 tl.store(at + HALF, acc_2.to(kc_ptr.dtype.element_ty), mask=keep)
     tl.store(y_ptr + rows[:, None] * stride_y + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -338,11 +342,12 @@ def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, blo
     on = pdl_ok and pdl(x2, M)
     qk = (x2, x2, x2, x2, 0, 0.0) if rope is None else (
         rope.q_weight, rope.k_weight, rope.cos_sin, rope.positions, rope.cos_sin.stride(0), float(rope.eps))
-    cache = (y2, y2, x2, 0) if kv is None else (kv.k_cache, kv.v_cache, kv.slots, kv.k_cache.stride(0))
+    cache = (y2, y2, x2, 0, 0, 0) if kv is None else (
+        kv.k_cache, kv.v_cache, kv.slots, kv.k_cache.stride(0), kv.k_cache.stride(1), kv.slots.numel())
     jitted(_norm_linear_src)[grid](
         x2, r2 if has_res else x2, s2 if has_res else x2, norm_weight, weight, y2, *qk[:4], *cache[:3],
         M, N, x2.stride(0), r2.stride(0) if has_res else 0, s2.stride(0) if has_res else 0,
-        weight.stride(0), y2.stride(0), qk[4], cache[3], float(eps), qk[5],
+        weight.stride(0), y2.stride(0), qk[4], *cache[3:], float(eps), qk[5],
         K=K, K_A=k_a, K_B=k_b, HAS_RES=has_res, SWIGLU=swiglu,
         ROPE=rope is not None, HALF=half, Q_HEADS=0 if rope is None else rope.q_heads,
         NORM_HEADS=0 if rope is None else rope.q_heads + rope.kv_heads, KV=kv is not None, BLOCK_M=bm, BLOCK_N=bn,
@@ -490,6 +495,82 @@ _HAVE_OP = triton is not None and register_op(
 )
 
 
+# --------------------------------------------------------------------------------------
+# The engine's KV cache, reached from inside a compiled graph
+
+
+class KVCaches(Protocol):
+    """An engine adapter's access to its layers' KV caches, for :func:`norm_linear` with
+    ``kv_cache=True``.  A layer is named by its q+k+v weight: a graph input like every other
+    parameter, so the compiled graphs of all layers stay alike (vLLM compiles identical pieces
+    once), while the cache and the step's slots are looked up when the op runs, as the engine's
+    own cache write looks them up."""
+
+    def store(self, weight: torch.Tensor, rows: int) -> KVStore | None:
+        """Where the q+k+v kernel may write this step's k and v heads itself; None: :meth:`write`."""
+
+    def write(self, weight: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The engine's own cache write of this step's k and v heads (``[rows, kv_heads, head_dim]``)."""
+
+
+_KV_CACHES: list[KVCaches] = []
+
+
+def use_kv_caches(caches: KVCaches) -> None:
+    """Make ``caches`` the ones :func:`norm_linear` with ``kv_cache=True`` writes (one adapter's
+    per process, as one engine runs in it)."""
+    _KV_CACHES[:] = [caches]
+
+
+def _kv_caches() -> KVCaches:
+    if not _KV_CACHES:
+        raise RuntimeError("convgpt: norm_linear(kv_cache=True) needs the engine's KV caches (use_kv_caches)")
+    return _KV_CACHES[0]
+
+
+def kv_heads(qkv: torch.Tensor, q_heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k and v heads of a q+k+v output, as ``[rows, kv_heads, head_dim]`` views."""
+    heads = qkv.reshape(-1, q_heads + 2 * kv_heads, qkv.shape[-1] // (q_heads + 2 * kv_heads))
+    return heads[:, q_heads:q_heads + kv_heads], heads[:, q_heads + kv_heads:]
+
+
+def _norm_linear_kv(x, residual, norm_weight, eps, weight, rope):
+    """:func:`norm_linear` with ``rope`` that also writes the layer's KV cache: from the kernel
+    where the engine's cache takes it (:meth:`KVCaches.store`), else by the engine's write after."""
+    caches = _kv_caches()
+    kv = caches.store(weight, _rows(x)) if norm_linear_available(x, weight) else None
+    if kv is not None:
+        return norm_linear_triton(x, residual, norm_weight, eps, weight, rope=rope, kv=kv)
+    if norm_linear_available(x, weight, max_rows=None):
+        y, s = _kernel_or_torch(x, residual, norm_weight, eps, weight, False, rope)
+    else:
+        y, s = norm_linear_torch(x, residual, norm_weight, eps, weight, rope=rope)
+    caches.write(weight, *kv_heads(y, rope.q_heads, rope.kv_heads))
+    return y, s
+
+
+def _rope_kv_op_impl(x, residual, norm_weight, eps, weight, *rope):
+    return op_outputs(x, *_norm_linear_kv(x, residual, norm_weight, eps, weight, QKRope(*rope)))
+
+
+def _kv_write_op_impl(qkv, weight, q_heads, kv_heads_):
+    _kv_caches().write(weight, *kv_heads(qkv, q_heads, kv_heads_))
+
+
+_HAVE_KV_OPS = _HAVE_OP and register_op(
+    "norm_linear_rope_kv",
+    "(Tensor x, Tensor? residual, Tensor norm_weight, float eps, Tensor weight, Tensor q_weight, Tensor k_weight, "
+    "float qk_eps, Tensor cos_sin, Tensor positions, int q_heads, int kv_heads) -> (Tensor, Tensor)",
+    _rope_kv_op_impl, _rope_op_fake,
+) and register_op(
+    # The engine's cache write of a q+k+v output, for graphs that run the unfused ops
+    # (graph_pass).  It declares qkv mutated, which it is not: that marks it as having an
+    # effect, so that no dead-code pass removes it, and orders it before any later use of qkv.
+    "kv_cache_write", "(Tensor(a!) qkv, Tensor weight, int q_heads, int kv_heads) -> ()",
+    _kv_write_op_impl, lambda qkv, weight, q_heads, kv_heads_: None,
+)
+
+
 def norm_linear(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -498,6 +579,7 @@ def norm_linear(
     weight: torch.Tensor,
     swiglu: bool = False,
     rope: QKRope | None = None,
+    kv_cache: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(y, s)``: ``s = x + residual`` (None without a residual) and
     ``y = rmsnorm(s or x) * norm_weight @ weight.T``; with ``swiglu`` the weight stacks the
@@ -505,17 +587,28 @@ def norm_linear(
     q and k heads of ``y`` come normalised and rotated (:class:`QKRope`).  One Triton kernel
     where :func:`norm_linear_available` (up to :data:`MAX_ROWS` rows; chosen at run time inside
     the custom op when compiled: ``convgpt::norm_linear``, ``convgpt::norm_linear_rope``), the
-    unfused ops elsewhere."""
-    if not norm_linear_available(x, weight, max_rows=None):
+    unfused ops elsewhere.  ``kv_cache`` (with ``rope``): the k and v heads also go into the
+    layer's KV cache, through the adapter's :class:`KVCaches` (``convgpt::norm_linear_rope_kv``)."""
+    if kv_cache and rope is None:
+        raise ValueError("norm_linear: writing the KV cache needs the q/k norm + RoPE epilogue (rope)")
+    compiled = _HAVE_OP and torch.compiler.is_compiling() and norm_linear_available(x, weight, max_rows=None)
+    if kv_cache and torch.compiler.is_compiling() and not compiled:
+        raise ValueError("norm_linear: a compiled graph writes the KV cache in the kernel's op; it does not run here")
+    if compiled and kv_cache:
+        y, s = torch.ops.convgpt.norm_linear_rope_kv(x, residual, norm_weight, float(eps), weight,
+                                                     *rope._replace(eps=float(rope.eps)))
+    elif compiled and rope is not None:
+        y, s = torch.ops.convgpt.norm_linear_rope(x, residual, norm_weight, float(eps), weight,
+                                                  *rope._replace(eps=float(rope.eps)))
+    elif compiled:
+        y, s = torch.ops.convgpt.norm_linear(x, residual, norm_weight, float(eps), weight, swiglu)
+    elif kv_cache:
+        return _norm_linear_kv(x, residual, norm_weight, eps, weight, rope)
+    elif not norm_linear_available(x, weight, max_rows=None):
         return norm_linear_torch(x, residual, norm_weight, eps, weight, swiglu, rope)
-    if _HAVE_OP and torch.compiler.is_compiling():
-        if rope is None:
-            y, s = torch.ops.convgpt.norm_linear(x, residual, norm_weight, float(eps), weight, swiglu)
-        else:
-            y, s = torch.ops.convgpt.norm_linear_rope(x, residual, norm_weight, float(eps), weight,
-                                                      *rope._replace(eps=float(rope.eps)))
-        return y, (None if residual is None else s)
-    return _kernel_or_torch(x, residual, norm_weight, eps, weight, swiglu, rope)
+    else:
+        return _kernel_or_torch(x, residual, norm_weight, eps, weight, swiglu, rope)
+    return y, (None if residual is None else s)
 
 
 def qk_rope_of(q_norm: tuple[torch.Tensor, float], k_weight: torch.Tensor, rotary, positions: torch.Tensor,
@@ -553,6 +646,7 @@ def fused_decoder_layer(
     down: Callable[[torch.Tensor], torch.Tensor],
     qk_rope: QKRope | None = None,
     kv_store: Callable[[], KVStore | None] | None = None,
+    kv_cache: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer with both norms in :func:`norm_linear`, for the adapters: ``h`` is the
     previous sublayer's output (the embeddings when ``residual`` is None), ``norm1``/``norm2``
@@ -565,18 +659,20 @@ def fused_decoder_layer(
     engine's own fused q/k-norm and RoPE kernels).  ``kv_store`` gives the layer's KV cache
     (:class:`KVStore`, None where the engine's cache layout does not allow it): eagerly, where the
     kernel runs with ``qk_rope``, it then writes k and v into the cache too and ``attend`` gets
-    ``stored=True`` (the engine must not write them again).  Returns (MLP output, residual
-    stream), what the engines' layers return."""
+    ``stored=True`` (the engine must not write them again).  ``kv_cache`` does the same in
+    compiled graphs too, through the adapter's :class:`KVCaches` (the engine's own write where
+    the kernel does not run).  Returns (MLP output, residual stream), what the engines' layers
+    return."""
     compiling = torch.compiler.is_compiling()
     roped = qk_rope is not None and (compiling or _rows(h) <= MAX_ROWS)
     kv = None
     if roped and kv_store is not None and not compiling and norm_linear_available(h, qkv_weight):
         kv = kv_store()
+    stored = kv is not None or (roped and kv_cache)
     if kv is not None:
         qkv, s = norm_linear_triton(h, residual, *norm1, qkv_weight, rope=qk_rope, kv=kv)
     else:
-        qkv, s = norm_linear(h, residual, *norm1, qkv_weight, rope=qk_rope if roped else None)
+        qkv, s = norm_linear(h, residual, *norm1, qkv_weight, rope=qk_rope if roped else None, kv_cache=stored)
     residual = h if s is None else s
-    act, residual = norm_linear(o_proj(attend(qkv, roped, kv is not None)), residual, *norm2, gate_up_weight,
-                                swiglu=True)
+    act, residual = norm_linear(o_proj(attend(qkv, roped, stored)), residual, *norm2, gate_up_weight, swiglu=True)
     return down(act), residual

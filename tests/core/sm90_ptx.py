@@ -17,7 +17,8 @@ from convgpt_core import norm_linear as nl
 NL_TYPES = dict(x_ptr="*bf16", r_ptr="*bf16", s_ptr="*bf16", nw_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16",
                 qw_ptr="*bf16", kw_ptr="*bf16", cs_ptr="*bf16", pos_ptr="*i64", kc_ptr="*bf16", vc_ptr="*bf16",
                 slot_ptr="*i64", M="i32", N="i32", stride_x="i32", stride_r="i32", stride_s="i32", stride_w="i32",
-                stride_y="i32", stride_cs="i32", stride_c="i32", eps="fp32", qk_eps="fp32")
+                stride_y="i32", stride_cs="i32", stride_c="i32", stride_ch="i32", n_slots="i32", eps="fp32",
+                qk_eps="fp32")
 NL_ROPE = dict(K=144, K_A=128, K_B=16, HAS_RES=True, SWIGLU=False, ROPE=True, HALF=64, Q_HEADS=16,
                NORM_HEADS=24, KV=False, BLOCK_M=16, BLOCK_N=64, PRECISION="tf32", UPCAST=False)
 NL_ROPE_KV = dict(NL_ROPE, KV=True)

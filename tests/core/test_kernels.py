@@ -616,11 +616,17 @@ def test_norm_linear_rope_rejects_what_does_not_fit(interp):
 # the q+k+v kernel writing k and v into an engine's KV cache (KVStore)
 
 
-def _kv_cache(rows: int, kv_heads: int, hd: int, dtype, seed: int = 7):
+def _kv_cache(rows: int, kv_heads: int, hd: int, dtype, seed: int = 7, layout: str = "split", device="cpu"):
     """A k and a v cache as an engine holds them, one slot per row, filled with what earlier
-    tokens left (noise); the two share one buffer, so each row is strided past the other's."""
-    full = torch.randn(rows, 2, kv_heads, hd, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    return full[:, 0], full[:, 1]
+    tokens left (noise), in one buffer: "split" holds a slot's k heads, then its v heads
+    (SGLang's two buffers are each a [slots, heads, head_dim] block), "side_by_side" each head's
+    k then v (vLLM's FlashAttention cache in its NHD layout), so heads are strided too."""
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "split":
+        full = torch.randn(rows, 2, kv_heads, hd, generator=gen).to(device, dtype)
+        return full[:, 0], full[:, 1]
+    full = torch.randn(rows, kv_heads, 2 * hd, generator=gen).to(device, dtype)
+    return full[..., :hd], full[..., hd:]
 
 
 def _kv_slots(M: int, cache_rows: int) -> torch.Tensor:
@@ -632,39 +638,42 @@ def _kv_slots(M: int, cache_rows: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("M, K, hd, nq, nkv", [(1, 144, 32, 4, 2), (7, 64, 16, 2, 2), (33, 144, 24, 3, 1)])
-def test_norm_linear_writes_k_and_v_into_the_kv_cache(interp, M, K, hd, nq, nkv, dtype):
+@pytest.mark.parametrize("layout", ["split", "side_by_side"])
+@pytest.mark.parametrize("M, K, hd, nq, nkv, short", [(1, 144, 32, 4, 2, 0), (7, 64, 16, 2, 2, 2),
+                                                      (33, 144, 24, 3, 1, 0)])
+def test_norm_linear_writes_k_and_v_into_the_kv_cache(interp, M, K, hd, nq, nkv, short, layout, dtype):
     """With a KVStore the q+k+v kernel also writes each row's k heads (normalised and rotated)
     and v heads into the cache row its slot names: the model's k and v (float64 reference),
-    bit for bit what the kernel returns for attention.  A padded row (slot -1) and every other
-    cache row are left as they were."""
-    _kv_check("cpu", dtype, M, K, hd, nq, nkv)
+    bit for bit what the kernel returns for attention.  A padded row (slot -1), the rows past
+    the last slot (``short`` of them) and every other cache row are left as they were."""
+    _kv_check("cpu", dtype, M, K, hd, nq, nkv, layout, short)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["split", "side_by_side"])
 @pytest.mark.parametrize("M", [1, 64, 256])
-def test_gpu_norm_linear_writes_k_and_v_into_the_kv_cache(gpu, M, dtype):
+def test_gpu_norm_linear_writes_k_and_v_into_the_kv_cache(gpu, M, layout, dtype):
     # the published q+k+v (16 q and 8 kv heads of 128 from D = 144), with PDL up to its row limit
-    _kv_check("cuda", dtype, M, 144, 128, 16, 8)
+    _kv_check("cuda", dtype, M, 144, 128, 16, 8, layout, short=M // 8)
 
 
-def _kv_check(device, dtype, M, K, hd, nq, nkv):
+def _kv_check(device, dtype, M, K, hd, nq, nkv, layout="split", short=0):
     x, r, nw, w = _nl_case(M, K, (nq + 2 * nkv) * hd, False)
     qw, kw, pos, _ = _rope_case(M, hd, nq, nkv)
     qkv, _ = _nl_reference(x, r, nw, 1e-6, w, False)
     want = _qk_rope_reference(qkv, qw, kw, 1e-6, pos, nq, nkv).reshape(M, -1, hd)
     cache_rows = 3 * M + 4
-    kc, vc = (c.to(device) for c in _kv_cache(cache_rows, nkv, hd, dtype))
+    kc, vc = _kv_cache(cache_rows, nkv, hd, dtype, layout=layout, device=device)
     old_k, old_v = kc.clone(), vc.clone()
-    slots = _kv_slots(M, cache_rows).to(device)
+    slots = _kv_slots(M, cache_rows)[:M - short].to(device)
     to = dict(device=device, dtype=dtype)
     y, _ = nl.norm_linear_triton(x.to(**to), r.to(**to), nw.to(**to), 1e-6, w.to(**to),
                                  rope=_qk_rope(M, hd, nq, nkv, **to), kv=nl.KVStore(kc, vc, slots))
     heads = y.reshape(M, -1, hd)
     torch.testing.assert_close(heads.double().cpu(), want, rtol=NL_TOL[dtype], atol=NL_TOL[dtype])
     live = slots >= 0
-    assert torch.equal(kc[slots[live]], heads[live, nq:nq + nkv])
-    assert torch.equal(vc[slots[live]], heads[live, nq + nkv:])
+    assert torch.equal(kc[slots[live]], heads[:M - short][live, nq:nq + nkv])
+    assert torch.equal(vc[slots[live]], heads[:M - short][live, nq + nkv:])
     untouched = torch.ones(cache_rows, dtype=torch.bool, device=device)
     untouched[slots[live]] = False
     assert torch.equal(kc[untouched], old_k[untouched]) and torch.equal(vc[untouched], old_v[untouched])
@@ -686,10 +695,14 @@ def test_norm_linear_kv_store_rejects_what_does_not_fit(interp):
         run(good._replace(k_cache=torch.zeros(8, 2, 8)))
     with pytest.raises(ValueError, match="v_cache holds torch.bfloat16"):
         run(good._replace(v_cache=vc.to(torch.bfloat16)))
-    with pytest.raises(ValueError, match="differ in rows"):
+    with pytest.raises(ValueError, match=r"v_cache \(5, 1, 16\).*differ"):
         run(good._replace(v_cache=vc[:5]))
-    with pytest.raises(ValueError, match="2 slots"):
-        run(good._replace(slots=torch.arange(2)))
+    with pytest.raises(ValueError, match=r"strides \(32, 16, 1\).*differ"):
+        run(good._replace(k_cache=kc.contiguous()))
+    with pytest.raises(ValueError, match="4 slots"):
+        run(good._replace(slots=torch.arange(4)))
+    with pytest.raises(ValueError, match="torch.float32"):
+        run(good._replace(slots=torch.arange(3.0)))
 
 
 def test_fused_decoder_layer_hands_the_kv_cache_to_the_kernel_where_it_runs(interp, monkeypatch):
@@ -715,6 +728,90 @@ def test_fused_decoder_layer_hands_the_kv_cache_to_the_kernel_where_it_runs(inte
     assert not nl.kv_store_on()
     monkeypatch.delenv("CONVGPT_KV_STORE")
     assert nl.kv_store_on()
+
+
+class _Caches:
+    """An engine's KV caches as the q+k+v op reaches them (``nl.KVCaches``): one layer's cache
+    (vLLM's FlashAttention layout), named by the layer's q+k+v weight.  ``kernel``: it hands the
+    kernel a KVStore; else it writes k and v itself, as the engine's write would.  Logs what
+    it was asked."""
+
+    def __init__(self, layer: "_Layer", kernel: bool):
+        self.layer, self.kernel, self.log, self.slots, self.used = layer, kernel, [], {}, 0
+        self.kc, self.vc = _kv_cache(6 * layer.x.shape[0] + 8, layer.nkv, layer.hd, layer.to["dtype"],
+                                     layout="side_by_side", device=layer.to["device"])
+
+    def _slots(self, weight, rows):
+        """Each step's slots from cache rows no earlier step had, so that every step's rows stay."""
+        assert weight.data_ptr() == self.layer.p[1].data_ptr()  # the layer's q+k+v weight
+        if rows not in self.slots:
+            slots = _kv_slots(rows, 2 * rows + 2)
+            self.slots[rows] = torch.where(slots >= 0, slots + self.used, slots).to(self.kc.device)
+            self.used += 2 * rows + 2
+        return self.slots[rows]
+
+    def store(self, weight, rows):
+        self.log.append(("store", rows))
+        slots = self._slots(weight, rows)
+        return nl.KVStore(self.kc, self.vc, slots) if self.kernel else None
+
+    def write(self, weight, k, v):
+        self.log.append(("write", k.shape[0]))
+        slots = self._slots(weight, k.shape[0])
+        live = slots >= 0
+        self.kc[slots[live]], self.vc[slots[live]] = k[live], v[live]
+
+    def assert_holds(self, m: int, tol: float) -> None:
+        """The cache rows of the m-row step hold its k and v (float64 reference)."""
+        nq, nkv = self.layer.nq, self.layer.nkv
+        want = self.layer.qkv_reference(m)[0].reshape(m, -1, self.layer.hd)
+        slots = self.slots[m].cpu()
+        live = slots >= 0
+        k, v = (c.cpu()[slots[live]].double() for c in (self.kc, self.vc))
+        torch.testing.assert_close(k, want[live, nq:nq + nkv], rtol=tol, atol=tol)
+        torch.testing.assert_close(v, want[live, nq + nkv:], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel-stores", "engine-writes"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_fused_decoder_layer_writes_the_kv_cache_through_the_engines_caches(interp, monkeypatch, kernel, compiled):
+    """``kv_cache=True`` (vLLM): the q+k+v op writes the layer's KV cache wherever it runs with
+    the q/k norm and RoPE, found through the registered caches at run time: the kernel stores
+    k and v where the caches offer a KVStore (up to MAX_ROWS rows), the engine's write takes
+    them otherwise.  Compiled, one graph for every size does that at every size; eagerly a
+    larger step leaves the cache to attention.  Attention hears ``stored`` accordingly."""
+    big = nl.MAX_ROWS + 1
+    layer = _Layer(big, (16, 2, 1), 32, 48, device="cpu", dtype=torch.float32)
+    caches = _Caches(layer, kernel)
+    monkeypatch.setattr(nl, "_KV_CACHES", [caches])
+    layer.kv_cache, told = True, []
+    sizes = (3, big)
+    if compiled:
+        torch._dynamo.reset()
+        outs = _one_graph_for_every_size(torch.compile(layer, fullgraph=True, backend="aot_eager"),
+                                         [layer.inputs(m) for m in sizes])
+    else:
+        layer.attend_seen = told
+        outs = [layer(*layer.inputs(m)) for m in sizes]
+    for m, (y, s) in zip(sizes, outs):
+        layer.assert_matches(m, y, s, 1e-4)
+    small = [("store", 3)] + ([] if kernel else [("write", 3)])
+    assert caches.log == small + ([("write", big)] if compiled else [])
+    caches.assert_holds(3, 1e-4)
+    if compiled:
+        caches.assert_holds(big, 1e-4)
+    else:
+        assert told == [(3, True), (big, False)]
+
+
+def test_norm_linear_kv_cache_needs_the_engines_caches(interp, monkeypatch):
+    x, r, nw, w = _nl_case(3, 64, 64, False)
+    f = torch.float32
+    monkeypatch.setattr(nl, "_KV_CACHES", [])
+    with pytest.raises(RuntimeError, match="needs the engine's KV caches"):
+        nl.norm_linear(x.to(f), r.to(f), nw.to(f), 1e-6, w.to(f), rope=_qk_rope(3, 16, 2, 1, dtype=f), kv_cache=True)
+    with pytest.raises(ValueError, match="needs the q/k norm"):
+        nl.norm_linear(x.to(f), r.to(f), nw.to(f), 1e-6, w.to(f), kv_cache=True)
 
 
 class _Rotary:
@@ -900,6 +997,7 @@ class _Layer:
         self.heads, self.to = heads, to
         self.p = [t.to(**to) for t in (self.nw1, self.wqkv, self.wo, self.nw2, self.wgu, self.wd)]
         self.store, self.attend_seen = None, None  # the KV store to hand over; (rows, stored) per attention
+        self.kv_cache = False  # the q+k+v op writes the KV cache through the registered nl.KVCaches
 
     def __call__(self, h, res, pos):
         p, rope = self.p, self.rope._replace(positions=pos)
@@ -911,7 +1009,7 @@ class _Layer:
 
         return nl.fused_decoder_layer(h, res, (p[0], 1e-6), p[1], attend,
                                       lambda heads: nar.narrow_linear(heads, p[2]), (p[3], 1e-6), p[4],
-                                      lambda act: nar.narrow_linear(act, p[5]), rope, self.store)
+                                      lambda act: nar.narrow_linear(act, p[5]), rope, self.store, self.kv_cache)
 
     def inputs(self, m: int):
         return self.x[:m].to(**self.to), self.r[:m].to(**self.to), self.rope.positions[:m]
@@ -930,29 +1028,39 @@ class _Layer:
         torch.testing.assert_close(s.double().cpu(), want_s, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("kv_cache", [False, True], ids=["", "kv-cache"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_fused_decoder_layer_under_inductor(gpu, monkeypatch, dtype):
+def test_gpu_fused_decoder_layer_under_inductor(gpu, monkeypatch, dtype, kv_cache):
     """What vLLM compiles on CUDA: the fused layer (published widths) in one Inductor graph for
-    every size, the ops choosing the kernels or the unfused ops by rows; against float64."""
+    every size, the ops choosing the kernels or the unfused ops by rows; against float64.
+    ``kv_cache``: the q+k+v op also writes the KV cache (the kernel up to MAX_ROWS rows)."""
     calls = _record_runs(monkeypatch, nl, "norm_linear_triton", "norm_linear_torch")
     _record_runs(monkeypatch, nar, "_kernel_or_cublas", calls=calls)
     big = 2 * nl.MAX_ROWS + 3
     layer = _Layer(big, (128, 12, 4), 2048, 3072, device="cuda", dtype=dtype)  # q: 12 heads, k: 4
+    caches = _Caches(layer, kernel=True)
+    monkeypatch.setattr(nl, "_KV_CACHES", [caches])
+    layer.kv_cache = kv_cache
     torch._dynamo.reset()
     fn = torch.compile(layer, fullgraph=True)
     sizes = (3, big, 64)
     for m, (y, s) in zip(sizes, _one_graph_for_every_size(fn, [layer.inputs(m) for m in sizes])):
         layer.assert_matches(m, y, s, 2 * NL_TOL[dtype])
+        if kv_cache:
+            caches.assert_holds(m, 2 * NL_TOL[dtype])
+    assert caches.log == ([("store", 3), ("write", big), ("store", 64)] if kv_cache else [])
     norm = ["norm_linear_triton" if m <= nl.MAX_ROWS else "norm_linear_torch" for m in sizes]
     want = [(name, m) for m, n in zip(sizes, norm) for name in (n, n, "_kernel_or_cublas", "_kernel_or_cublas")]
     assert sorted(calls) == sorted(want)  # per size: two norm_linear and two narrow_linear
 
 
-def _check_unfused_above_kernel_rows(monkeypatch, device, dtype):
+def _check_unfused_above_kernel_rows(monkeypatch, device, dtype, kv_cache=False):
     """The fused layer compiled by Inductor with ``graph_pass.unfuse_ops`` as its post-grad
     pass, as vLLM compiles its graph for token counts above the kernels' limits: one graph for
     every such size, no call reaches an op's body (Inductor runs the unfused ops itself), and
-    the results match float64."""
+    the results match float64.  ``kv_cache``: the q+k+v op that writes the KV cache becomes the
+    unfused ops and the engine's write (``convgpt::kv_cache_write``), which Inductor must keep
+    although nothing reads what it writes."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     from convgpt_core import graph_pass
@@ -968,6 +1076,9 @@ def _check_unfused_above_kernel_rows(monkeypatch, device, dtype):
     _record_runs(monkeypatch, nar, "_kernel_or_cublas", calls=calls)
     big = 2 * graph_pass.FUSED_UP_TO + 3
     layer = _Layer(big, (32, 6, 3), 256, 320, device=device, dtype=dtype)  # q+k+v 384 wide; q and k: 256
+    caches = _Caches(layer, kernel=True)
+    monkeypatch.setattr(nl, "_KV_CACHES", [caches])
+    layer.kv_cache = kv_cache
     torch._dynamo.reset()
     sizes = (graph_pass.FUSED_UP_TO + 1, big)
     with torch._inductor.config.patch(post_grad_custom_post_pass=Unfuse(), force_disable_caches=True):
@@ -976,18 +1087,25 @@ def _check_unfused_above_kernel_rows(monkeypatch, device, dtype):
     for m, (y, s) in zip(sizes, outs):
         layer.assert_matches(m, y, s, 2 * NL_TOL[dtype])
     assert calls == []
+    assert caches.log == ([("write", m) for m in sizes] if kv_cache else [])
+    for m in sizes if kv_cache else ():
+        caches.assert_holds(m, 2 * NL_TOL[dtype])
+    if kv_cache:
+        return
     # the same layer run eagerly goes through the ops' bodies: the recording sees calls
     layer(*layer.inputs(big))
     assert sorted(calls) == sorted([("_kernel_or_torch", big)] * 2 + [("_kernel_or_cublas", big)] * 2)
 
 
-def test_ops_unfused_in_graphs_above_kernel_rows(interp, monkeypatch):
-    _check_unfused_above_kernel_rows(monkeypatch, "cpu", torch.float32)
+@pytest.mark.parametrize("kv_cache", [False, True], ids=["", "kv-cache"])
+def test_ops_unfused_in_graphs_above_kernel_rows(interp, monkeypatch, kv_cache):
+    _check_unfused_above_kernel_rows(monkeypatch, "cpu", torch.float32, kv_cache)
 
 
+@pytest.mark.parametrize("kv_cache", [False, True], ids=["", "kv-cache"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_ops_unfused_in_graphs_above_kernel_rows(gpu, monkeypatch, dtype):
-    _check_unfused_above_kernel_rows(monkeypatch, "cuda", dtype)
+def test_gpu_ops_unfused_in_graphs_above_kernel_rows(gpu, monkeypatch, dtype, kv_cache):
+    _check_unfused_above_kernel_rows(monkeypatch, "cuda", dtype, kv_cache)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
