@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import os
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,16 @@ from . import norm_linear as _norm
 
 # Both ops run their unfused path for every row count above this.
 FUSED_UP_TO = max(_norm.MAX_ROWS, _narrow.MAX_ROWS, _narrow.MAX_ROWS_LONG_K)
+
+# The switches that change what a traced graph holds (read while the adapters' layers are
+# traced, not when the ops run): which ops the graph calls and whether attention gets k and v.
+# An engine that caches compiled graphs across starts must key them on these too.
+GRAPH_SWITCHES = ("CONVGPT_NARROW_LINEAR", "CONVGPT_QK_ROPE", "CONVGPT_KV_STORE")
+
+
+def graph_switches() -> str:
+    """The :data:`GRAPH_SWITCHES` as this process has them, e.g. for a compile cache key."""
+    return ",".join(f"{name}={'0' if os.environ.get(name) == '0' else '1'}" for name in GRAPH_SWITCHES)
 
 
 def _norm_linear_aten(x, residual, norm_weight, eps, weight, swiglu, rope=None):

