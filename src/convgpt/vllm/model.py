@@ -6,7 +6,9 @@ glue: vLLM's paged ``Attention`` (per-layer sliding window), tensor-parallel lin
 ``RMSNorm``, ``get_rope``, vocab-parallel embeddings, a tied ``ParallelLMHead``, the
 ``LogitsProcessor`` and ``@support_torch_compile`` (torch.compile + CUDA graphs, with a
 compile range boundary at the kernels' row limit and a post-grad pass for the larger range);
-pipeline stages (``SupportsPP``) and LoRA on the decoder linears (``SupportsLoRA``).
+pipeline stages (``SupportsPP``) and LoRA on the decoder linears (``SupportsLoRA``).  Where the
+fused q+k+v op runs, it also writes the layer's KV cache (:class:`_KVCaches`) and attention
+gets q alone.
 
 Token ids take the fast path: a vocab x D table of compressed embeddings, built once after
 the weights load and sharded like the embedding.  Embeddings handed in by the engine
