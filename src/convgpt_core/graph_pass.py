@@ -2,7 +2,8 @@
 ever see more rows than the kernels take.
 
 Under ``torch.compile`` the adapters call ``convgpt::norm_linear`` (``norm_linear_rope`` at
-the q+k+v site, ``norm_linear_rope_kv`` where it also writes the KV cache) and ``convgpt::narrow_linear``: opaque ops, so one graph serves every batch size and each call
+the q+k+v site, ``norm_linear_rope_kv`` where it also writes the KV cache) and
+``convgpt::narrow_linear``: opaque ops, so one graph serves every batch size and each call
 chooses by rows when it runs (the kernels up to their row limits, the unfused ops above).
 Above the limits that choice is paid for on the host: every call goes through the
 dispatcher into Python and launches the unfused ops one by one from there, 128 calls per
