@@ -277,6 +277,20 @@ def test_kv_caches_leave_other_caches_to_vllms_write(monkeypatch):
         caches.store(torch.zeros(3), 4)
 
 
+def test_kv_caches_follow_weights_that_move(monkeypatch):
+    """A layer is found by where its q+k+v weight is now: after two layers' weights trade places
+    (as a weight reload may reallocate them), each weight still names its own layer."""
+    from convgpt.vllm import model
+
+    caches = model._KVCaches()
+    a, b = torch.nn.Linear(4, 8, bias=False), torch.nn.Linear(4, 8, bias=False)
+    caches.add(a, "a")
+    caches.add(b, "b")
+    assert (caches._name(a.weight), caches._name(b.weight)) == ("a", "b")
+    a.weight.data, b.weight.data = b.weight.data, a.weight.data
+    assert (caches._name(a.weight), caches._name(b.weight)) == ("a", "b")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM's CUDA cache write")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_gpu_kernel_store_equals_vllms_own_cache_write(monkeypatch, dtype):

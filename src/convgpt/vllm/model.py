@@ -97,18 +97,25 @@ class _KVCaches:
 
     def __init__(self) -> None:
         self._layers: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
-        self._by_weight: dict[int, str] = {}
+        self._by_weight: dict[int, tuple[weakref.ref, str]] = {}
 
     def add(self, qkv_proj: nn.Module, layer_name: str) -> None:
         self._layers[qkv_proj] = layer_name
         self._by_weight.clear()
 
+    def _lookup(self, ptr: int) -> str | None:
+        """The layer whose q+k+v weight is at ``ptr`` now (an entry whose layer's weight has
+        moved since, as after a weight reload, does not count)."""
+        ref, name = self._by_weight.get(ptr, (None, None))
+        module = ref() if ref is not None else None
+        return name if module is not None and module.weight.data_ptr() == ptr else None
+
     def _name(self, weight: torch.Tensor) -> str:
-        # keyed by storage: vLLM may swap the parameter object after loading, not its memory
-        name = self._by_weight.get(weight.data_ptr())
+        # keyed by the weight's memory: vLLM may swap the parameter object after loading
+        name = self._lookup(weight.data_ptr())
         if name is None:
-            self._by_weight = {m.weight.data_ptr(): n for m, n in self._layers.items()}
-            name = self._by_weight.get(weight.data_ptr())
+            self._by_weight = {m.weight.data_ptr(): (weakref.ref(m), n) for m, n in self._layers.items()}
+            name = self._lookup(weight.data_ptr())
         if name is None:
             raise RuntimeError("ConvGPT: the q+k+v op got a weight of no registered attention layer")
         return name
