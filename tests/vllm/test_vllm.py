@@ -289,6 +289,12 @@ def test_kv_caches_follow_weights_that_move(monkeypatch):
     assert (caches._name(a.weight), caches._name(b.weight)) == ("a", "b")
     a.weight.data, b.weight.data = b.weight.data, a.weight.data
     assert (caches._name(a.weight), caches._name(b.weight)) == ("a", "b")
+    shared = model._KVCaches()  # one weight for two layers: their caches cannot be told apart
+    b.weight = a.weight
+    shared.add(a, "a")
+    shared.add(b, "b")
+    with pytest.raises(RuntimeError, match="share one q\\+k\\+v weight"):
+        shared._name(a.weight)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM's CUDA cache write")

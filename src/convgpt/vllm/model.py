@@ -115,6 +115,9 @@ class _KVCaches:
         name = self._lookup(weight.data_ptr())
         if name is None:
             self._by_weight = {m.weight.data_ptr(): (weakref.ref(m), n) for m, n in self._layers.items()}
+            if len(self._by_weight) < len(self._layers):
+                raise RuntimeError("ConvGPT: two attention layers share one q+k+v weight, so the q+k+v op cannot "
+                                   "tell their KV caches apart; start the engine with CONVGPT_KV_STORE=0")
             name = self._lookup(weight.data_ptr())
         if name is None:
             raise RuntimeError("ConvGPT: the q+k+v op got a weight of no registered attention layer")
