@@ -42,10 +42,21 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+from bench_norm_linear import (  # noqa: E402 - the chain's shapes, weights and shipped step
+    HEAD_DIM,
+    INNER,
+    KV_HEADS,
+    LAYERS,
+    Q_HEADS,
+    D,
+    chain_case,
+    chain_step,
+    stand_in_attention,
+)
+
 from convgpt_core.kernels import tl, triton  # noqa: E402
 
-D, D_A, D_B = 144, 128, 16
-Q_HEADS, KV_HEADS, HEAD_DIM, INNER, LAYERS = 16, 8, 128, 3072, 32
+D_A, D_B = 128, 16  # D's two column blocks
 HEADS_IN = Q_HEADS * HEAD_DIM  # o_proj's input width
 QKV_HEADS = Q_HEADS + 2 * KV_HEADS
 G, O_PROGS = 96, 64  # programs; those doing o_proj
@@ -187,37 +198,19 @@ def main() -> None:
     from triton.testing import do_bench_cudagraph
 
     from convgpt_core import kernels
-    from convgpt_core import narrow_linear as nar
     from convgpt_core import norm_linear as nl
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     assert torch.cuda.get_device_properties(0).multi_processor_count >= G, "every program must be resident"
     kernel = triton.jit(_layer_src)
-    heads = Q_HEADS * HEAD_DIM
     n = QKV_HEADS * HEAD_DIM
+    layers, cos_sin = chain_case(dev, dt)
 
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, device=dev) * scale).to(dt)
-
-    layers = [dict(nw1=1 + randn(D, scale=0.1), wqkv=randn(n, D, scale=D**-0.5), wo=randn(D, heads, scale=heads**-0.5),
-                   nw2=1 + randn(D, scale=0.1), wgu=randn(2 * INNER, D, scale=D**-0.5),
-                   wd=randn(D, INNER, scale=INNER**-0.5), qw=1 + randn(HEAD_DIM, scale=0.1),
-                   kw=1 + randn(HEAD_DIM, scale=0.1)) for _ in range(LAYERS)]
-    inv = 10000.0 ** (-torch.arange(0, HEAD_DIM, 2, device=dev, dtype=torch.float32) / HEAD_DIM)
-    ang = torch.arange(8192, device=dev, dtype=torch.float32)[:, None] * inv[None, :]
-    cos_sin = torch.cat((ang.cos(), ang.sin()), dim=-1).to(dt)
-
-    def attend(qkv):  # the stand-in for attention: one elementwise kernel on the q heads
-        return qkv[..., :heads] * 1.0
+    def randn(*shape):
+        return torch.randn(*shape, device=dev).to(dt)
 
     def shipped(h, res, pos):
-        for p in layers:
-            rope = nl.QKRope(p["qw"], p["kw"], 1e-6, cos_sin, pos, Q_HEADS, KV_HEADS)
-            h, res = nl.fused_decoder_layer(
-                h, res, (p["nw1"], 1e-6), p["wqkv"], lambda qkv, roped, stored: attend(qkv),
-                lambda x, w=p["wo"]: nar.narrow_linear(x, w), (p["nw2"], 1e-6), p["wgu"],
-                lambda x, w=p["wd"]: nar.narrow_linear(x, w), rope)
-        return h, res
+        return chain_step(layers, cos_sin, h, res, pos)
 
     bufs = torch.zeros(2, 2, 16, D, device=dev)  # [parity][o, down] fp32 sums
     counters = torch.zeros(2, 2, device=dev, dtype=torch.int32)  # [parity][barrier]
@@ -229,7 +222,7 @@ def main() -> None:
         m = h.shape[0]
         for i, p in enumerate(layers):
             nxt = layers[(i + 1) % LAYERS]
-            a = attend(qkv)
+            a = stand_in_attention(qkv)
             qkv = torch.empty(m, n, device=dev, dtype=dt)
             h_out, s, s2_next = (torch.empty(m, D, device=dev, dtype=dt) for _ in range(3))
             par = i % 2
@@ -249,7 +242,7 @@ def main() -> None:
 
     def stand_in(qkv):  # the attention stand-in alone, LAYERS times
         for _ in range(LAYERS):
-            attend(qkv)
+            stand_in_attention(qkv)
 
     out = open(os.path.join(args.out, "layer_kernel.txt"), "w")
 

@@ -217,15 +217,11 @@ def qkv_rope(batches: list[int], timed, say, save) -> None:
 LAYERS, INNER = 32, 3072
 
 
-def chain(batches: list[int], timed, say, save) -> None:
-    """LAYERS fused decoder layers back to back in one CUDA graph, with and without PDL."""
+def chain_case(dev, dt):
+    """LAYERS decoder layers' weights at the published widths (random, each layer its own) and a
+    cos | sin table of 8192 positions: what the chain benchmarks run."""
     import torch
 
-    from convgpt_core import kernels
-    from convgpt_core import narrow_linear as nar
-    from convgpt_core import norm_linear as nl
-
-    dev, dt = torch.device("cuda"), torch.bfloat16
     heads = Q_HEADS * HEAD_DIM
     n = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM
 
@@ -238,16 +234,43 @@ def chain(batches: list[int], timed, say, save) -> None:
                    kw=1 + randn(HEAD_DIM, scale=0.1)) for _ in range(LAYERS)]
     inv = 10000.0 ** (-torch.arange(0, HEAD_DIM, 2, device=dev, dtype=torch.float32) / HEAD_DIM)
     ang = torch.arange(8192, device=dev, dtype=torch.float32)[:, None] * inv[None, :]
-    cos_sin = torch.cat((ang.cos(), ang.sin()), dim=-1).to(dt)
+    return layers, torch.cat((ang.cos(), ang.sin()), dim=-1).to(dt)
+
+
+def stand_in_attention(qkv):
+    """Attention's place in the chain: one elementwise kernel on the q heads."""
+    return qkv[..., :Q_HEADS * HEAD_DIM] * 1.0
+
+
+def chain_step(layers, cos_sin, h, res, pos):
+    """The shipped kernels through ``layers`` (``fused_decoder_layer``, ``narrow_linear`` back to
+    the stream), attention stood in by :func:`stand_in_attention`: (MLP output, residual)."""
+    from convgpt_core import narrow_linear as nar
+    from convgpt_core import norm_linear as nl
+
+    for p in layers:
+        rope = nl.QKRope(p["qw"], p["kw"], 1e-6, cos_sin, pos, Q_HEADS, KV_HEADS)
+        h, res = nl.fused_decoder_layer(
+            h, res, (p["nw1"], 1e-6), p["wqkv"], lambda qkv, roped, stored: stand_in_attention(qkv),
+            lambda x, w=p["wo"]: nar.narrow_linear(x, w), (p["nw2"], 1e-6), p["wgu"],
+            lambda x, w=p["wd"]: nar.narrow_linear(x, w), rope)
+    return h, res
+
+
+def chain(batches: list[int], timed, say, save) -> None:
+    """LAYERS fused decoder layers back to back in one CUDA graph, with and without PDL."""
+    import torch
+
+    from convgpt_core import kernels
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    layers, cos_sin = chain_case(dev, dt)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=dev).to(dt)
 
     def step(h, res, pos):
-        for p in layers:
-            rope = nl.QKRope(p["qw"], p["kw"], 1e-6, cos_sin, pos, Q_HEADS, KV_HEADS)
-            h, res = nl.fused_decoder_layer(
-                h, res, (p["nw1"], 1e-6), p["wqkv"], lambda qkv, roped, stored: qkv[..., :heads] * 1.0,
-                lambda x, w=p["wo"]: nar.narrow_linear(x, w), (p["nw2"], 1e-6), p["wgu"],
-                lambda x, w=p["wd"]: nar.narrow_linear(x, w), rope)
-        return h, res
+        return chain_step(layers, cos_sin, h, res, pos)
 
     assert kernels.pdl(cos_sin, 1), "PDL needs CUDA on compute capability 9.0+"
     shipped, kernels.PDL_MAX_ROWS = kernels.PDL_MAX_ROWS, 1 << 30  # PDL at every size here
