@@ -591,7 +591,8 @@ def norm_linear(
     layer's KV cache, through the adapter's :class:`KVCaches` (``convgpt::norm_linear_rope_kv``)."""
     if kv_cache and rope is None:
         raise ValueError("norm_linear: writing the KV cache needs the q/k norm + RoPE epilogue (rope)")
-    compiled = _HAVE_OP and torch.compiler.is_compiling() and norm_linear_available(x, weight, max_rows=None)
+    have_op = _HAVE_KV_OPS if kv_cache else _HAVE_OP
+    compiled = have_op and torch.compiler.is_compiling() and norm_linear_available(x, weight, max_rows=None)
     if kv_cache and torch.compiler.is_compiling() and not compiled:
         raise ValueError("norm_linear: a compiled graph writes the KV cache in the kernel's op; it does not run here")
     if compiled and kv_cache:
