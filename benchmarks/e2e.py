@@ -256,6 +256,7 @@ def engine_settings(args, **over):
         dtype=args.dtype, max_len=args.max_model_len, max_batch=args.batch, mem=args.gpu_mem / 2,
         prefix_cache=False, dummy=True, kv_cache_dtype=args.kv_cache_dtype, eager=False,
         quantization=args.quantization, chunk=args.chunk, detokenize=False, passes=tuple(args.vllm_pass),
+        block=args.block_size, attn_splits=args.attn_splits,
         sleep_on_idle=not args.sglang_idle_spin, **over))
 
 
@@ -550,6 +551,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--quantization", help="weight quantization of both models, e.g. fp8")
     ap.add_argument("--chunk", type=int, help="prefill token budget per engine step (both models)")
+    ap.add_argument("--block-size", type=int, help="KV block (page) size of both models; default: the engine's")
+    ap.add_argument("--attn-splits", type=int, metavar="N",
+                    help="vLLM: the most KV splits FlashAttention may use in a CUDA-graphed decode step, both "
+                         "models (attention_config.flash_attn_max_num_splits_for_cuda_graph; vLLM's default 32)")
     ap.add_argument("--twin-first", action="store_true", help="start the twin's engine before ConvGPT's")
     ap.add_argument("--vllm-pass", action="append", default=[], metavar="NAME",
                     help="switch on a vLLM compile pass for both models (pass_config), e.g. enable_qk_norm_rope_fusion")
@@ -584,6 +589,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if args.attn_splits is not None and args.engine != "vllm":
+        raise SystemExit("--attn-splits is a vLLM setting (its FlashAttention backend's)")
     if args.plot_only:
         plot(*args.plot_only)
         return

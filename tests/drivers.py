@@ -51,6 +51,9 @@ class Settings:
     # settings of `convgpt serve` (SGLANG_CPU) always sleep.
     sleep_on_idle: bool = True
     passes: tuple[str, ...] = ()  # vLLM compile passes to switch on (pass_config), e.g. enable_qk_norm_rope_fusion
+    # vLLM: the most KV splits FlashAttention may use in a CUDA-graphed decode step
+    # (attention_config.flash_attn_max_num_splits_for_cuda_graph); None: the engine's (32)
+    attn_splits: int | None = None
 
 
 def _record(prompt: Request, tokens, top, cached) -> dict:
@@ -86,6 +89,8 @@ class VLLMDriver:
                 kwargs["compilation_config"] = {"cudagraph_mode": "NONE"}
         if s.passes:
             kwargs.setdefault("compilation_config", {})["pass_config"] = {p: True for p in s.passes}
+        if s.attn_splits is not None:
+            kwargs["attention_config"] = {"flash_attn_max_num_splits_for_cuda_graph": s.attn_splits}
         if s.profile_dir:
             kwargs["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": s.profile_dir,
                                          "torch_profiler_with_stack": False, "torch_profiler_use_gzip": False}

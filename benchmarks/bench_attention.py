@@ -1,0 +1,147 @@
+"""vLLM's FlashAttention 3 decode as a CUDA-graphed step runs it, at the attention geometry
+ConvGPT shares with its twin (16 q heads, 8 kv heads, head_dim 128), swept over the two
+serving settings that shape it:
+
+  page   the KV block size (``--block-size``; vLLM's default for FlashAttention is 16)
+  splits the most KV splits a decode step may use under CUDA graphs
+         (``attention_config.flash_attn_max_num_splits_for_cuda_graph``, vLLM's default 32).
+         Above 1 every graphed step also runs FlashAttention's combine kernel, whether or
+         not the step's scheduler metadata splits anything.
+
+Each case: 32 layers, each with its own cache (vLLM's NHD layout: one block holds a slot's
+heads as rows of K then V), the sequences' blocks scattered through it, scheduler metadata
+made outside the graph as vLLM's metadata builder makes it, and the 32 calls captured in one
+CUDA graph; us per layer from replays.  Needs vLLM (its ``vllm_flash_attn``) on a Hopper GPU.
+
+Usage: python benchmarks/bench_attention.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 16, 8, 128, 32
+SHAPES = [(1, 192), (1, 1024), (1, 4096), (16, 1024), (256, 192), (64, 4096)]  # (batch, context)
+PAGES = [16, 32, 64, 128]
+SPLITS = [32, 8, 1]
+
+
+def case(batch: int, ctx: int, page: int, splits: int, caches, gen):
+    """us per layer of one graphed step of ``LAYERS`` decode attentions."""
+    import torch
+    from vllm.vllm_flash_attn import flash_attn_varlen_func, get_scheduler_metadata
+
+    dev = "cuda"
+    # contexts spread +-12% around ctx, as a batch's sequences are
+    lens = (ctx * (0.88 + 0.24 * torch.rand(batch, generator=gen))).long().clamp(min=1)
+    lens[0] = ctx
+    pages_per_seq = -(-int(lens.max()) // page)
+    blocks = caches[0].shape[0] // page
+    table = torch.randperm(blocks, generator=gen)[: batch * pages_per_seq].view(batch, pages_per_seq)
+    table = table.to(torch.int32).to(dev)
+    seqused = lens.to(torch.int32).to(dev)
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+    meta = get_scheduler_metadata(
+        batch_size=batch, max_seqlen_q=1, max_seqlen_k=int(lens.max()), num_heads_q=Q_HEADS,
+        num_heads_kv=KV_HEADS, headdim=HEAD_DIM, cache_seqlens=seqused, qkv_dtype=torch.bfloat16,
+        cu_seqlens_q=cu_q, page_size=page, causal=True, num_splits=splits)
+    qs = [torch.randn(batch, Q_HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16) for _ in caches]
+    outs = [torch.empty_like(q) for q in qs]
+    views = []
+    for flat in caches:  # (tokens, kv_heads, 2 * head_dim) -> blocks of `page` slots
+        paged = flat.view(-1, page, KV_HEADS, 2 * HEAD_DIM)
+        views.append((paged[..., :HEAD_DIM], paged[..., HEAD_DIM:]))
+
+    def step():
+        for q, out, (k, v) in zip(qs, outs, views):
+            flash_attn_varlen_func(
+                q=q, k=k, v=v, out=out, cu_seqlens_q=cu_q, max_seqlen_q=1, seqused_k=seqused,
+                max_seqlen_k=int(lens.max()), softmax_scale=HEAD_DIM ** -0.5, causal=True,
+                block_table=table, scheduler_metadata=meta, fa_version=3, num_splits=splits)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    ref = None
+    if splits != 1:  # the same step unsplit: the splits must not change the result
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = outs[0].clone()
+    for _ in range(10):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 50
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    us = start.elapsed_time(end) * 1000 / reps / len(caches)
+    kv_bytes = int(lens.sum()) * KV_HEADS * 2 * HEAD_DIM * 2
+    return us, kv_bytes / (us * 1e-6) / 1e12, ref, (qs[0], views[0], table, seqused, cu_q, lens)
+
+
+def check(ref, inputs) -> float:
+    """Largest difference of the split step's first layer from an unsplit call."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    q, (k, v), table, seqused, cu_q, lens = inputs
+    out = flash_attn_varlen_func(
+        q=q, k=k, v=v, cu_seqlens_q=cu_q, max_seqlen_q=1, seqused_k=seqused,
+        max_seqlen_k=int(lens.max()), softmax_scale=HEAD_DIM ** -0.5, causal=True,
+        block_table=table, fa_version=3, num_splits=1)
+    return float((out.float() - ref.float()).abs().max())
+
+
+def main() -> None:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    log = open(os.path.join(args.out, "attention.txt"), "w")
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        log.write(line + "\n")
+
+    say(f"vLLM FlashAttention 3 decode, {torch.cuda.get_device_name()}, {LAYERS} layers in one CUDA graph; "
+        f"us per layer (TB/s of KV read); default = page 16, splits 32")
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for batch, ctx in SHAPES:
+        tokens = -(-int(batch * (ctx * 1.12 + 2 * max(PAGES))) // max(PAGES)) * max(PAGES)
+        caches = [torch.randn(tokens, KV_HEADS, 2 * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+                  for _ in range(LAYERS)]
+        cells = {}
+        for page in PAGES:
+            for splits in SPLITS:
+                us, tbs, ref, inputs = case(batch, ctx, page, splits, caches, gen)
+                err = check(ref, inputs) if ref is not None else 0.0
+                cells[(page, splits)] = us
+                rows.append(dict(batch=batch, ctx=ctx, page=page, splits=splits, us=us, tb_s=tbs, max_diff=err))
+        base = cells[(16, 32)]
+        say(f"\nbatch {batch}, context ~{ctx}")
+        say("page  " + "".join(f"  splits {s:<2}  " for s in SPLITS))
+        for page in PAGES:
+            say(f"{page:4d}  " + "".join(
+                f"{cells[(page, s)]:7.2f} {cells[(page, s)] / base:4.2f}x" for s in SPLITS))
+        del caches
+        torch.cuda.empty_cache()
+    worst = max(r["max_diff"] for r in rows)
+    say(f"\nsplit vs unsplit output, largest difference over all cases: {worst:.3g}")
+    with open(os.path.join(args.out, "attention.json"), "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
