@@ -233,11 +233,13 @@ def _caches_on(monkeypatch, cache, slots, backend=None, kv_cache_dtype="auto"):
     return caches, qkv
 
 
-def test_kv_caches_give_the_kernel_flash_attentions_slots(monkeypatch):
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_kv_caches_give_the_kernel_flash_attentions_slots(monkeypatch, block_size):
     """vLLM's FlashAttention cache in its default NHD layout: the KVStore handed to the q+k+v
     kernel addresses slot s (block s // block_size, offset s % block_size) of the layer's cache
-    as FlashAttention's logical shape places it, k in the first head_dim values, v after."""
-    cache, slots = _flash_case("NHD")
+    as FlashAttention's logical shape places it, k in the first head_dim values, v after; at
+    vLLM's default block size and at a larger one (``--block-size``)."""
+    cache, slots = _flash_case("NHD", block_size=block_size, blocks=96 // block_size + 1)
     blocks, heads, block_size, width = cache.shape
     caches, qkv = _caches_on(monkeypatch, cache, slots)
     kv = caches.store(qkv.weight, rows=4)
