@@ -115,7 +115,7 @@ def main() -> None:
         log.write(line + "\n")
 
     say(f"vLLM FlashAttention 3 decode, {torch.cuda.get_device_name()}, {LAYERS} layers in one CUDA graph; "
-        f"us per layer (TB/s of KV read); default = page 16, splits 32")
+        f"us per layer and its ratio to the default (page 16, splits 32); KV read rates in the JSON")
     gen = torch.Generator().manual_seed(0)
     rows = []
     for batch, ctx in SHAPES:
