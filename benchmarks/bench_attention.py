@@ -22,6 +22,8 @@ import argparse
 import json
 import os
 
+import report
+
 Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 16, 8, 128, 32
 SHAPES = [(1, 192), (1, 1024), (1, 4096), (16, 1024), (256, 192), (64, 4096)]  # (batch, context)
 PAGES = [16, 32, 64, 128]
@@ -108,12 +110,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    log = open(os.path.join(args.out, "attention.txt"), "w")
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        log.write(line + "\n")
-
+    say = report.tee(os.path.join(args.out, "attention.txt"))
     say(f"vLLM FlashAttention 3 decode, {torch.cuda.get_device_name()}, {LAYERS} layers in one CUDA graph; "
         f"us per layer and its ratio to the default (page 16, splits 32); KV read rates in the JSON")
     gen = torch.Generator().manual_seed(0)

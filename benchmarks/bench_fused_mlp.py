@@ -30,6 +30,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+import report  # noqa: E402
+
 from convgpt_core.kernels import gdc_launch_dependents, gdc_wait, tl  # noqa: E402
 
 D, INNER, LAYERS = 144, 3072, 32
@@ -229,13 +231,7 @@ def main() -> None:
     def us(fn, *a, **kw) -> float:
         return do_bench_cudagraph(lambda: chain(fn, *a, **kw), rep=50) * 1e3 / LAYERS
 
-    txt = open(os.path.join(args.out, "fused_mlp.txt"), "w")
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        txt.write(line + "\n")
-        txt.flush()
-
+    say = report.tee(os.path.join(args.out, "fused_mlp.txt"))
     say(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, bf16: {LAYERS} MLP sublayers (D {D}, "
         f"inner {INNER}) per CUDA graph, us per layer; fused tiles BLOCK_M/BLOCK_I/warps")
     say(f"{'M':>5}{'shipped':>9}  " + "  ".join(f"{bm}/{bi}/{nw}" for bm, bi, nw in TILES))

@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+import report
+
 # (name, K, N): y[M, N] = x[M, K] @ W[N, K]^T
 SHAPES = [("qkv", 144, 4096), ("gate_up", 144, 6144), ("o_proj", 2048, 144), ("down", 3072, 144),
           ("head gate_up", 144, 10368), ("head down", 5184, 1296)]
@@ -41,13 +43,7 @@ def main() -> None:
     inductor.max_autotune_gemm_backends = "ATEN,TRITON"
     dev = torch.device("cuda")
     rows = []
-    out_txt = open(os.path.join(args.out, "gemm.txt"), "w")
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        out_txt.write(line + "\n")
-        out_txt.flush()
-
+    say = report.tee(os.path.join(args.out, "gemm.txt"))
     def measure(m: int, name: str, k: int, n: int) -> None:
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5

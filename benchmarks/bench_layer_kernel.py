@@ -42,6 +42,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+import report  # noqa: E402
 from bench_norm_linear import (  # noqa: E402 - the chain's shapes, weights and shipped step
     HEAD_DIM,
     INNER,
@@ -244,13 +245,7 @@ def main() -> None:
         for _ in range(LAYERS):
             stand_in_attention(qkv)
 
-    out = open(os.path.join(args.out, "layer_kernel.txt"), "w")
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-        out.write(line + "\n")
-        out.flush()
-
+    say = report.tee(os.path.join(args.out, "layer_kernel.txt"))
     say(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}, bf16; "
         f"{LAYERS} layers per CUDA graph, us per layer (attention stood in by one elementwise kernel)")
     say(f"{'M':>4}{'stand-in':>10}{'shipped':>10}{'no PDL':>10}"

@@ -39,6 +39,8 @@ import functools
 import json
 import os
 
+import report
+
 SITES = [("qkv", 4096, False), ("gate_up", 3072, True)]  # (name, N out, swiglu)
 NARROW_SITES = [("o_proj", 2048), ("down", 3072)]  # (name, K in): D = 144 out
 SPLITS = [(128, 1), (128, 2), (128, 4), (256, 1), (64, 2)]  # (BLOCK_K, K blocks per split)
@@ -81,13 +83,7 @@ def main() -> None:
     head = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, bf16, us per call (CUDA graph replay)"
 
     def logger(name: str):
-        txt = open(os.path.join(args.out, f"{name}.txt"), "w")
-
-        def say(line: str) -> None:
-            print(line, flush=True)
-            txt.write(line + "\n")
-            txt.flush()
-
+        say = report.tee(os.path.join(args.out, f"{name}.txt"))
         say(head)
         return say
 
