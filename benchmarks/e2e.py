@@ -450,6 +450,11 @@ def step_rows(data: dict, src: dict, title: str) -> list[str]:
         for cls in sorted(set(c["us_by_class"]) | set(t["us_by_class"]), key=lambda k: -t["us_by_class"].get(k, 0.0)):
             lines.append(row(cls, c["us_by_class"].get(cls, 0.0), t["us_by_class"].get(cls, 0.0),
                              flag=cls not in st.FUSED_PARTS))
+            if lines[-1].endswith("<- slower"):  # the class's kernels side by side, where the trace has them
+                for name, s in (("convgpt", c), ("twin", t)):
+                    ks = s.get("kernels_by_class", {}).get(cls)
+                    if ks is not None:
+                        lines.append(f"      {name}: " + ("; ".join(f"{k[:60]} {us:.1f}" for k, us in ks) or "none"))
         if st.FUSED_NORM_GEMM in c["us_by_class"]:  # judged together: what it replaces
             a, b = (sum(x["us_by_class"].get(k, 0.0) for k in st.FUSED_PARTS) for x in (c, t))
             lines.append(row("  norm+gemm+activation", a, b))

@@ -41,6 +41,10 @@ CLASSES = [  # (class, pattern), first match wins
     ("rope", re.compile(r"rotary|rope", re.IGNORECASE)),
     ("activation", re.compile(r"silu|act_and_mul|gelu", re.IGNORECASE)),
     ("kv-cache write", re.compile(r"reshape_and_cache|store_kv|set_kv|kv_cache|cache_kernel", re.IGNORECASE)),
+    # the engine's own per-step input preparation and sampling bookkeeping (vLLM's model runner:
+    # block tables, slot mappings, positions, the sampled tokens), the same for every model
+    ("step bookkeeping", re.compile(r"block_tables|slot_mapping|pos_seq_lens|post_update|sampled_and_",
+                                    re.IGNORECASE)),
     ("compressor/embedding", re.compile(r"compress|embedding|index_select|gather", re.IGNORECASE)),
     ("sampling/logits", re.compile(r"softmax|argmax|topk|sampl|log_softmax", re.IGNORECASE)),
     ("copy/elementwise", re.compile(r"elementwise|copy|cat|fill|memcpy|memset|vectorized|reduce", re.IGNORECASE)),
@@ -194,6 +198,11 @@ def decode_per_step(long: dict, short: dict, steps: int, top: int = 25) -> dict:
 
     busy = (long["busy_us"] - short["busy_us"]) / steps
     by_kernel = diff(long["by_kernel"], short["by_kernel"])
+    ranked = [(n, round(v, 2)) for n, v in sorted(by_kernel.items(), key=lambda kv: -kv[1])
+              if round(v, 2) > 0]  # kernels of the prefill alone cancel out
+    by_class: dict[str, list] = {}
+    for n, v in ranked:
+        by_class.setdefault(op_class(n), []).append([n, v])
 
     def host(kind: str) -> list:
         rows = {n: [(c - short[kind].get(n, [0, 0.0])[0]) / steps, (us - short[kind].get(n, [0, 0.0])[1]) / steps]
@@ -208,8 +217,8 @@ def decode_per_step(long: dict, short: dict, steps: int, top: int = 25) -> dict:
         "kernels": (long["kernels"] - short["kernels"]) / steps,
         "attention_share": (long["attention_us"] - short["attention_us"]) / steps / busy if busy > 0 else 0.0,
         "us_by_class": diff(long["by_class"], short["by_class"]),
-        "top_kernels_us": [[n, round(v, 2)] for n, v in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]
-                           if round(v, 2) > 0],  # kernels of the prefill alone cancel out
+        "top_kernels_us": [[n, v] for n, v in ranked[:top]],
+        "kernels_by_class": by_class,  # every kernel of the step, us per step, longest first
         "runtime_per_step": host("runtime"),  # [name, calls, us]
         "cpu_ops_per_step": host("cpu"),
     }

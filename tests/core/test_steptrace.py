@@ -44,6 +44,10 @@ def test_decode_step_is_the_difference_of_two_runs_over_the_extra_tokens(tmp_pat
     assert dict(step["top_kernels_us"]) == dict(STEP)
     assert step["us_by_class"]["gemm"] == 4.0 and step["us_by_class"]["norm"] == 2.5
     assert step["us_by_class"]["sampling/logits"] == 1.0 and step["us_by_class"]["attention"] == 6.0
+    # every kernel of the step under its class, the class's time their sum
+    listed = {cls: dict(ks) for cls, ks in step["kernels_by_class"].items()}
+    assert {n: us for ks in listed.values() for n, us in ks.items()} == dict(STEP)
+    assert {cls: sum(ks.values()) for cls, ks in listed.items()} == step["us_by_class"]
     # one graph launch and one annotated step per step; the annotation's numbers folded into one name
     assert ["cudaGraphLaunch", 1.0, 20.0] in step["runtime_per_step"]
     assert ["execute_context_#(#)_generation_#(#)", 1.0, 50.0] in step["cpu_ops_per_step"]
@@ -88,6 +92,19 @@ def test_fused_norm_linear_kernels_have_their_own_class():
     assert steptrace.FUSED_NORM_GEMM in steptrace.FUSED_PARTS and "gemm" in steptrace.FUSED_PARTS
 
 
+def test_engine_bookkeeping_is_not_counted_as_the_compressors():
+    # vLLM's model runner prepares every step's inputs and sampled tokens with kernels of its own,
+    # the same for both models; the compressor/embedding class holds the models' input side
+    from convgpt_core import kernels
+
+    for name in ("_gather_block_tables_kernel", "_compute_slot_mappings_kernel", "_prepare_pos_seq_lens_kernel",
+                 "_post_update_kernel", "_combine_sampled_and_draft_tokens_kernel",
+                 "_get_num_sampled_and_rejected_kernel"):
+        assert steptrace.op_class(name) == "step bookkeeping", name
+    for name in (kernels._compress_kernel_src.__name__, "triton_poi_fused__to_copy_clamp_embedding_0"):
+        assert steptrace.op_class(name) == "compressor/embedding", name
+
+
 def test_benchmark_table_reads_the_timed_engines_first(tmp_path):
     # e2e.py's table: per-step GPU-busy and op classes from the timed engines' traces (CUDA graphs
     # on) where the profiler saw their kernels, then from the graphs-off engines; an old result whose
@@ -109,6 +126,11 @@ def test_benchmark_table_reads_the_timed_engines_first(tmp_path):
     assert [b.split(";")[0] for b in blocks] == ["the timed engines, CUDA graphs on", "engines with CUDA graphs off"]
     assert "GPU-busy per step: 0.50x" in blocks[0] and "GPU-busy per step: 1.50x" in blocks[1]
     assert "<- slower" not in blocks[0] and "<- slower" in blocks[1]
+    # a class flagged slower is followed by both models' kernels in it
+    lines = blocks[1].splitlines()
+    at = next(i for i, line in enumerate(lines) if line.split()[:1] == ["attention"])
+    assert lines[at].endswith("<- slower")
+    assert [s.strip() for s in lines[at + 1:at + 3]] == ["convgpt: flash_fwd_splitkv 6.0", "twin: flash_fwd_splitkv 6.0"]
     wall = f"{8 / 8000 * 1e3:>9.3f}"  # batch 8 at 8000 tok/s: 1 ms a step
     assert any(line.startswith("convgpt decode_b8") and wall in line for line in blocks[0].splitlines())
 
