@@ -37,15 +37,16 @@ CLASSES = [  # (class, pattern), first match wins
     (FUSED_NORM_GEMM := "norm+gemm (fused)", re.compile(r"norm_linear")),  # convgpt_core.norm_linear
     ("gemm", re.compile(r"gemm|cutlass|nvjet|cublas|matmul|sm90_xmma|wgmma|splitk|triton_.*mm|narrow_linear",
                         re.IGNORECASE)),  # narrow_linear: convgpt_core.narrow_linear
-    ("norm", re.compile(r"rms|norm", re.IGNORECASE)),
-    ("rope", re.compile(r"rotary|rope", re.IGNORECASE)),
-    ("activation", re.compile(r"silu|act_and_mul|gelu", re.IGNORECASE)),
-    ("kv-cache write", re.compile(r"reshape_and_cache|store_kv|set_kv|kv_cache|cache_kernel", re.IGNORECASE)),
     # the engine's own per-step input preparation and sampling bookkeeping (vLLM's model runner:
     # block tables, slot mappings, positions, the sampled tokens), the same for every model
     ("step bookkeeping", re.compile(r"block_tables|slot_mapping|pos_seq_lens|post_update|sampled_and_",
                                     re.IGNORECASE)),
+    # the models' input side (the engine's embedding kernel may carry the first RMSNorm fused in)
     ("compressor/embedding", re.compile(r"compress|embedding|index_select|gather", re.IGNORECASE)),
+    ("norm", re.compile(r"rms|norm", re.IGNORECASE)),
+    ("rope", re.compile(r"rotary|rope", re.IGNORECASE)),
+    ("activation", re.compile(r"silu|act_and_mul|gelu", re.IGNORECASE)),
+    ("kv-cache write", re.compile(r"reshape_and_cache|store_kv|set_kv|kv_cache|cache_kernel", re.IGNORECASE)),
     ("sampling/logits", re.compile(r"softmax|argmax|topk|sampl|log_softmax", re.IGNORECASE)),
     ("copy/elementwise", re.compile(r"elementwise|copy|cat|fill|memcpy|memset|vectorized|reduce", re.IGNORECASE)),
 ]

@@ -101,7 +101,10 @@ def test_engine_bookkeeping_is_not_counted_as_the_compressors():
                  "_post_update_kernel", "_combine_sampled_and_draft_tokens_kernel",
                  "_get_num_sampled_and_rejected_kernel"):
         assert steptrace.op_class(name) == "step bookkeeping", name
-    for name in (kernels._compress_kernel_src.__name__, "triton_poi_fused__to_copy_clamp_embedding_0"):
+    # ConvGPT's compressor and compressed-table lookup; the twin's embedding, fused by Inductor with
+    # its first RMSNorm (ConvGPT's first norm is in its fused q+k+v kernel)
+    for name in (kernels._compress_kernel_src.__name__, "triton_poi_fused__to_copy_clamp_embedding_0",
+                 "triton_red_fused__to_copy_embedding_rms_norm_0"):
         assert steptrace.op_class(name) == "compressor/embedding", name
 
 
