@@ -275,6 +275,20 @@ def bench_specialize(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_specialize.py", *session.posargs)
 
 
+@nox.session(name="bench-graph-launch", default=False)
+def bench_graph_launch(session: nox.Session) -> None:
+    """What a CUDA graph's launch costs the host, by kernel count, PDL and profiler (CUDA)."""
+    session.install("-e", ".", "triton")
+    session.run("python", "benchmarks/bench_graph_launch.py", *session.posargs)
+
+
+@nox.session(name="bench-attention", default=False, venv_backend="none")
+def bench_attention(session: nox.Session) -> None:
+    """vLLM's FlashAttention decode by KV page size and split cap, at ConvGPT's attention geometry
+    (CUDA, Hopper; vLLM's GPU build in the engine environment)."""
+    run_in_engine(session, "vllm", "benchmarks/bench_attention.py", *session.posargs)
+
+
 @nox.session(default=False)
 def roofline(session: nox.Session) -> None:
     """Recorded H100 runs against their bytes/FLOPs floors (no GPU needed)."""

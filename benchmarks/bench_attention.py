@@ -13,7 +13,7 @@ heads as rows of K then V), the sequences' blocks scattered through it, schedule
 made outside the graph as vLLM's metadata builder makes it, and the 32 calls captured in one
 CUDA graph; us per layer from replays.  Needs vLLM (its ``vllm_flash_attn``) on a Hopper GPU.
 
-Usage: python benchmarks/bench_attention.py --out DIR
+Usage: python benchmarks/bench_attention.py --out DIR   (nox -s bench-attention -- --out DIR)
 """
 
 from __future__ import annotations

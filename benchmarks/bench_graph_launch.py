@@ -17,7 +17,7 @@ Host time: the median wall time of ``graph.replay()``, each replay waited for be
 (so the launch never waits on a full queue); GPU time: per replay, from CUDA events.  The cases
 alternate, ``--rounds`` times, and each figure is the median over the rounds with its min-max.
 
-Usage (CUDA): python benchmarks/bench_graph_launch.py --out DIR
+Usage (CUDA): python benchmarks/bench_graph_launch.py --out DIR   (nox -s bench-graph-launch -- --out DIR)
 """
 
 from __future__ import annotations
