@@ -63,15 +63,7 @@ def case(batch: int, ctx: int, page: int, splits: int, caches, gen):
                 max_seqlen_k=int(lens.max()), softmax_scale=HEAD_DIM ** -0.5, causal=True,
                 block_table=table, scheduler_metadata=meta, fa_version=3, num_splits=splits)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = report.captured(step, warmup=3)
     ref = None
     if splits != 1:  # the same step unsplit: the splits must not change the result
         graph.replay()

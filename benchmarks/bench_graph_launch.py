@@ -47,23 +47,6 @@ def _bump_src(x_ptr, PDL: tl.constexpr):
     tl.store(x_ptr + offs, tl.load(x_ptr + offs) + 1)
 
 
-def captured(fn):
-    """``fn`` (warmed up on a side stream) captured in a CUDA graph."""
-    import torch
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph
-
-
 def measure(graph, reps: int) -> tuple[float, float]:
     """(host us per replay, GPU us per replay)."""
     import torch
@@ -106,7 +89,7 @@ def main() -> None:
             os.environ.pop("CONVGPT_PDL", None)
         else:
             os.environ["CONVGPT_PDL"] = env
-        graphs[name] = (5 * LAYERS, captured(lambda: chain_step(layers, cos_sin, h, res, pos)))
+        graphs[name] = (5 * LAYERS, report.captured(lambda: chain_step(layers, cos_sin, h, res, pos)))
     os.environ.pop("CONVGPT_PDL", None)
 
     bump = triton.jit(_bump_src)
@@ -116,8 +99,8 @@ def main() -> None:
             def launches(n=n, pdl=pdl):
                 for _ in range(n):
                     bump[(1,)](x, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
-            graphs[f"triton {n}{' PDL' if pdl else ''}"] = (n, captured(launches))
-        graphs[f"torch {n}"] = (n, captured(lambda n=n: [x.add_(1) for _ in range(n)]))
+            graphs[f"triton {n}{' PDL' if pdl else ''}"] = (n, report.captured(launches))
+        graphs[f"torch {n}"] = (n, report.captured(lambda n=n: [x.add_(1) for _ in range(n)]))
 
     samples = {name: [] for name in graphs}
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
