@@ -37,6 +37,7 @@ from bench_norm_linear import LAYERS, D, chain_case, chain_step  # noqa: E402
 from convgpt_core.kernels import gdc_launch_dependents, gdc_wait, tl, triton  # noqa: E402
 
 NODES = [32, 64, 128, 256, 512]
+SWEEPS = {"triton": "triton {}", "triton PDL": "triton {} PDL", "torch": "torch {}"}  # kind: case name of N
 
 
 def _bump_src(x_ptr, PDL: tl.constexpr):
@@ -99,8 +100,8 @@ def main() -> None:
             def launches(n=n, pdl=pdl):
                 for _ in range(n):
                     bump[(1,)](x, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
-            graphs[f"triton {n}{' PDL' if pdl else ''}"] = (n, report.captured(launches))
-        graphs[f"torch {n}"] = (n, report.captured(lambda n=n: [x.add_(1) for _ in range(n)]))
+            graphs[SWEEPS["triton PDL" if pdl else "triton"].format(n)] = (n, report.captured(launches))
+        graphs[SWEEPS["torch"].format(n)] = (n, report.captured(lambda n=n: [x.add_(1) for _ in range(n)]))
 
     samples = {name: [] for name in graphs}
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -121,9 +122,8 @@ def main() -> None:
         rows.append(dict(case=name, kernels=kernels, host_us=host, gpu_us=gpu))
         say(f"{name:<18}{kernels:>8}{med:>10.1f}{f'{min(host):.1f}-{max(host):.1f}':>14}"
             f"{med / kernels:>10.2f}{gpu:>9.1f}")
-    for kind in ("triton", "triton PDL", "torch"):  # least-squares slope of host us over kernels
-        pts = [(n, statistics.median(s[0] for s in samples[f"{kind.split()[0]} {n}{' PDL' if 'PDL' in kind else ''}"]))
-               for n in NODES]
+    for kind, case in SWEEPS.items():  # least-squares slope of host us over kernels
+        pts = [(n, statistics.median(s[0] for s in samples[case.format(n)])) for n in NODES]
         mx, my = statistics.mean(p[0] for p in pts), statistics.mean(p[1] for p in pts)
         slope = sum((a - mx) * (b - my) for a, b in pts) / sum((a - mx) ** 2 for a, _ in pts)
         say(f"{kind}: {slope:.2f} us a kernel, {my - slope * mx:.1f} us a launch")

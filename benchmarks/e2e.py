@@ -444,13 +444,16 @@ def step_rows(data: dict, src: dict, title: str) -> list[str]:
         lines.append(f"  ConvGPT / twin GPU-busy per step: {c['busy_ms'] / t['busy_ms']:.2f}x; "
                      "per op class, us per step (ConvGPT vs twin):")
 
+        def slower(a: float, b: float) -> bool:
+            return a > 1.05 * b + 1
+
         def row(cls: str, a: float, b: float, flag: bool = True) -> str:
-            return f"    {cls:<22}{a:>9.1f}{b:>9.1f}{'  <- slower' if flag and a > 1.05 * b + 1 else ''}"
+            return f"    {cls:<22}{a:>9.1f}{b:>9.1f}{'  <- slower' if flag and slower(a, b) else ''}"
 
         for cls in sorted(set(c["us_by_class"]) | set(t["us_by_class"]), key=lambda k: -t["us_by_class"].get(k, 0.0)):
-            lines.append(row(cls, c["us_by_class"].get(cls, 0.0), t["us_by_class"].get(cls, 0.0),
-                             flag=cls not in st.FUSED_PARTS))
-            if lines[-1].endswith("<- slower"):  # the class's kernels side by side, where the trace has them
+            a, b = c["us_by_class"].get(cls, 0.0), t["us_by_class"].get(cls, 0.0)
+            lines.append(row(cls, a, b, flag=cls not in st.FUSED_PARTS))
+            if cls not in st.FUSED_PARTS and slower(a, b):  # the class's kernels side by side, where traced
                 for name, s in (("convgpt", c), ("twin", t)):
                     ks = s.get("kernels_by_class", {}).get(cls)
                     if ks is not None:
