@@ -256,7 +256,7 @@ def engine_settings(args, **over):
         dtype=args.dtype, max_len=args.max_model_len, max_batch=args.batch, mem=args.gpu_mem / 2,
         prefix_cache=False, dummy=True, kv_cache_dtype=args.kv_cache_dtype, eager=False,
         quantization=args.quantization, chunk=args.chunk, detokenize=False, passes=tuple(args.vllm_pass),
-        block=args.block_size, attn_splits=args.attn_splits,
+        block=args.block_size, attn_splits=args.attn_splits, attn_backend=args.attention_backend,
         sleep_on_idle=not args.sglang_idle_spin, **over))
 
 
@@ -563,6 +563,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--attn-splits", type=int, metavar="N",
                     help="vLLM: the most KV splits FlashAttention may use in a CUDA-graphed decode step, both "
                          "models (attention_config.flash_attn_max_num_splits_for_cuda_graph; vLLM's default 32)")
+    ap.add_argument("--attention-backend", metavar="NAME",
+                    help="the engine's attention backend for both models, by the engine's name for it (vLLM: "
+                         "attention_config.backend, e.g. FLASHINFER; SGLang: attention_backend); default: the "
+                         "engine's (vLLM on Hopper: FLASH_ATTN), on SGLang the driver's (flashinfer)")
     ap.add_argument("--twin-first", action="store_true", help="start the twin's engine before ConvGPT's")
     ap.add_argument("--vllm-pass", action="append", default=[], metavar="NAME",
                     help="switch on a vLLM compile pass for both models (pass_config), e.g. enable_qk_norm_rope_fusion")

@@ -54,6 +54,10 @@ class Settings:
     # vLLM: the most KV splits FlashAttention may use in a CUDA-graphed decode step
     # (attention_config.flash_attn_max_num_splits_for_cuda_graph); None: the engine's (32)
     attn_splits: int | None = None
+    # the engine's attention backend by its own name (vLLM: attention_config.backend, e.g.
+    # FLASHINFER; SGLang: attention_backend, e.g. triton); None: the engine's choice (on SGLang
+    # with CUDA, the driver's: flashinfer, or triton for float32)
+    attn_backend: str | None = None
 
 
 def _record(prompt: Request, tokens, top, cached) -> dict:
@@ -90,7 +94,9 @@ class VLLMDriver:
         if s.passes:
             kwargs.setdefault("compilation_config", {})["pass_config"] = {p: True for p in s.passes}
         if s.attn_splits is not None:
-            kwargs["attention_config"] = {"flash_attn_max_num_splits_for_cuda_graph": s.attn_splits}
+            kwargs.setdefault("attention_config", {})["flash_attn_max_num_splits_for_cuda_graph"] = s.attn_splits
+        if s.attn_backend:
+            kwargs.setdefault("attention_config", {})["backend"] = s.attn_backend
         if s.profile_dir:
             kwargs["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": s.profile_dir,
                                          "torch_profiler_with_stack": False, "torch_profiler_use_gzip": False}
@@ -200,12 +206,14 @@ class SGLangDriver:
             # ConvGPT refuses triton decode for sliding-window checkpoints (one key short), and
             # SGLang's CUDA RMSNorm takes 16-bit inputs only, so float32 fails on CUDA either way;
             # the GPU runs (parity, LoRA) are bf16.
-            backend = "triton" if s.dtype == "float32" else "flashinfer"
+            backend = s.attn_backend or ("triton" if s.dtype == "float32" else "flashinfer")
             kwargs.update(attention_backend=backend, mem_fraction_static=s.mem or 0.3, sleep_on_idle=s.sleep_on_idle)
             if s.eager or not s.graphs:
                 kwargs["disable_cuda_graph"] = True
         else:
             kwargs.update(SGLANG_CPU)
+            if s.attn_backend:
+                kwargs["attention_backend"] = s.attn_backend
         self.llm = sgl.Engine(**kwargs)
         self.adapters: set[str] = set()
 

@@ -10,9 +10,10 @@ CONVGPT_PARITY_TP (1), CONVGPT_PARITY_PP (1), CONVGPT_PARITY_KV (the KV-cache dt
 CONVGPT_PARITY_QUANT (weight quantization, e.g. fp8; none), CONVGPT_PARITY_CHUNK (the prefill
 token budget per step, matrix.CHUNK; above 256 a whole 490-token prompt goes through vLLM's graph
 for large steps on CUDA), CONVGPT_PARITY_VLLM_PASS (vLLM compile passes to switch on, comma-separated
-pass_config names, e.g. enable_qk_norm_rope_fusion; none).  Runs with non-default ones write
+pass_config names, e.g. enable_qk_norm_rope_fusion; none), CONVGPT_PARITY_ATTN (the engine's
+attention backend by its name, e.g. FLASHINFER on vLLM; the driver's).  Runs with non-default ones write
 ``<engine>-tp2``, ``<engine>-pp2``, ``<engine>-kvfp8``, ``<engine>-fp8``, ``<engine>-chunk512``,
-``<engine>-enable_qk_norm_rope_fusion`` and so on.
+``<engine>-enable_qk_norm_rope_fusion``, ``<engine>-FLASHINFER`` and so on.
 """
 
 from __future__ import annotations
@@ -36,17 +37,18 @@ def main(engine: str) -> None:
     quant = os.environ.get("CONVGPT_PARITY_QUANT") or None
     chunk = int(os.environ.get("CONVGPT_PARITY_CHUNK", matrix.CHUNK))
     passes = tuple(p for p in os.environ.get("CONVGPT_PARITY_VLLM_PASS", "").split(",") if p)
+    attn = os.environ.get("CONVGPT_PARITY_ATTN") or None
     tags = ((f"tp{tp}", tp != 1), (f"pp{pp}", pp != 1), (f"kv{kv}", kv != "auto"), (quant, quant),
-            (f"chunk{chunk}", chunk != matrix.CHUNK), *((p, True) for p in passes))
+            (f"chunk{chunk}", chunk != matrix.CHUNK), *((p, True) for p in passes), (attn, attn))
     name_out = "-".join([engine] + [tag for tag, on in tags if on])
     meta = {"dtype": dtype, "eager": eager, engine: importlib.import_module(engine).__version__,
             "device": "cuda" if cuda_available() else "cpu", "tp": tp, "pp": pp, "kv_cache_dtype": kv,
-            "quantization": quant, "chunk": chunk, "passes": list(passes)}
+            "quantization": quant, "chunk": chunk, "passes": list(passes), "attention_backend": attn}
     results = {}
     for name, path, embeds_engine, situations in matrix.engine_starts():
         llm = drivers.start(engine, path, dtype=dtype, max_len=matrix.MAX_LEN, chunk=chunk,
                             block=matrix.BLOCK, embeds=embeds_engine, eager=eager, max_batch=16, tp=tp, pp=pp,
-                            kv_cache_dtype=kv, quantization=quant, passes=passes)
+                            kv_cache_dtype=kv, quantization=quant, passes=passes, attn_backend=attn)
         for situation, waves in situations:
             cell = []
             for wave in waves:

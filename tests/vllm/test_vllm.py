@@ -171,6 +171,20 @@ def test_compile_splits_at_kernel_rows_and_unfuses_above():
     assert len(vc.compilation_config.get_compile_ranges()) == 1
 
 
+def test_benchmark_attention_settings_reach_vllms_attention_config():
+    """The benchmarks' attention backend and split cap (e2e.py --attention-backend, --attn-splits)
+    go into one ``attention_config`` that vLLM's own AttentionConfig takes, neither dropping the
+    other."""
+    from vllm.config import AttentionConfig
+
+    given = {}
+    with mock.patch("vllm.LLM", lambda **kwargs: given.update(kwargs)):
+        drivers.VLLMDriver("model", drivers.Settings(attn_backend="FLASHINFER", attn_splits=1))
+    config = AttentionConfig(**given["attention_config"])
+    assert config.backend.name == "FLASHINFER"
+    assert config.flash_attn_max_num_splits_for_cuda_graph == 1
+
+
 def test_engine_step_loop_gives_each_decode_token_its_own_step(trained_dir):
     """The benchmark's steady decode (benchmarks/e2e.py, `steady_step_s`) times the gaps between
     the engine's step outputs: each request's tokens must come one per step output, the first
