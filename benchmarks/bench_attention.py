@@ -156,10 +156,10 @@ def caches_for(batch: int, ctx: int):
             for _ in range(LAYERS)]
 
 
-def sweep(say, gen) -> list[dict]:
+def sweep(say, gen, shapes) -> list[dict]:
     """FlashAttention 3 over page sizes and split caps (round 20's table)."""
     rows = []
-    for batch, ctx in SHAPES:
+    for batch, ctx in shapes:
         caches = caches_for(batch, ctx)
         cells = {}
         for page in PAGES:
@@ -179,12 +179,12 @@ def sweep(say, gen) -> list[dict]:
     return rows
 
 
-def backends(say, gen) -> list[dict]:
+def backends(say, gen, shapes) -> list[dict]:
     """The decode kernels of BACKENDS at page 16, per shape (round 21's table)."""
     say("\nus per layer (ratio to fa3), KV read TB/s")
     say("batch  ctx   " + "".join(f"{n:>20}" for n in BACKENDS))
     rows = []
-    for batch, ctx in SHAPES:
+    for batch, ctx in shapes:
         caches = caches_for(batch, ctx)
         b = Batch(batch, ctx, 16, caches, gen)
         cells = {}
@@ -205,15 +205,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--backends", action="store_true", help="compare the engines' decode kernels (default: --sweep)")
+    ap.add_argument("--shapes", default=",".join(f"{b}x{c}" for b, c in SHAPES),
+                    help="BATCHxCONTEXT,... (default: %(default)s)")
+    ap.add_argument("--name", help="output files' name (default: attention, or backends with --backends)")
     args = ap.parse_args()
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
     os.makedirs(args.out, exist_ok=True)
-    name = "backends" if args.backends else "attention"
+    name = args.name or ("backends" if args.backends else "attention")
     say = report.tee(os.path.join(args.out, f"{name}.txt"))
     say(f"decode attention, {torch.cuda.get_device_name()}, {LAYERS} layers in one CUDA graph, "
         f"{Q_HEADS} q heads, {KV_HEADS} kv heads of {HEAD_DIM}; us per layer and its ratio to vLLM's default "
         f"(FlashAttention 3, page 16, 32 splits)")
     gen = torch.Generator().manual_seed(0)
-    rows = (backends if args.backends else sweep)(say, gen)
+    rows = (backends if args.backends else sweep)(say, gen, shapes)
     worst = max(r["max_diff"] for r in rows)
     say(f"\nlargest difference from FlashAttention's unsplit output over all cases: {worst:.3g}")
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
