@@ -15,9 +15,14 @@ graphs on say what the host does per step (graph launches, kernels launched outs
 graph, the step's CPU work).
 Per prefill (:func:`op_classes`): GPU time by op class.
 
+Per launch (:func:`follows`): every launch of one kernel by the kernel that ran before it, its
+duration, and how much of it overlapped that kernel (a launch programmatic dependent launch let
+start early waits inside its duration until the one before it lets it go on).
+
 Usage: python benchmarks/steptrace.py --steps TRACE.json BATCH              (vLLM decode, per step)
        python benchmarks/steptrace.py --diff TRACE_N.json TRACE_1.json N   (decode, per step)
        python benchmarks/steptrace.py TRACE.json[.gz] --prefill             (a prefill, by op class)
+       python benchmarks/steptrace.py --follows TRACE.json NAME             (NAME's launches, by predecessor)
 """
 
 from __future__ import annotations
@@ -261,11 +266,29 @@ def op_classes(ks: list[tuple[float, float, str]]) -> dict:
             "top_kernels_ms": [[n[:120], round(v, 3)] for n, v in top]}
 
 
+def follows(ks: list[tuple[float, float, str]], name: str) -> dict[str, dict]:
+    """The launches of the kernels whose name contains ``name`` among ``ks`` (:func:`kernels`),
+    grouped by the name of the kernel that started before each: how many, and the medians of
+    their duration, of the part of it spent while that kernel still ran (the early start
+    programmatic dependent launch allows: the kernel waits there for the one before it), and of
+    the rest (its own time)."""
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for (t0, d0, n0), (t1, d1, n1) in zip(ks, ks[1:]):
+        if name in n1:
+            groups.setdefault(n0, []).append((d1, min(d1, max(0.0, t0 + d0 - t1))))
+    return {prev: {"launches": len(v), "us": statistics.median(d for d, _ in v),
+                   "overlapped_us": statistics.median(o for _, o in v),
+                   "own_us": statistics.median(d - o for d, o in v)}
+            for prev, v in sorted(groups.items(), key=lambda kv: -len(kv[1]))}
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--steps" and len(sys.argv) == 4:
         print(json.dumps(annotated_decode_steps(sys.argv[2], int(sys.argv[3])), indent=2))
     elif sys.argv[1] == "--diff" and len(sys.argv) == 5:
         print(json.dumps(decode_per_step(window(sys.argv[2]), window(sys.argv[3]), int(sys.argv[4]) - 1), indent=2))
+    elif sys.argv[1] == "--follows" and len(sys.argv) == 4:
+        print(json.dumps(follows(kernels(sys.argv[2]), sys.argv[3]), indent=2))
     elif len(sys.argv) == 3 and sys.argv[2] == "--prefill":
         print(json.dumps(op_classes(kernels(sys.argv[1])), indent=2))
     else:

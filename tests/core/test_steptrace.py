@@ -396,3 +396,21 @@ def test_benchmark_samples_run_without_pythons_collector_unless_asked(monkeypatc
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+def test_follows_splits_a_kernels_launches_by_predecessor_and_early_start():
+    """A kernel started before its predecessor ended (programmatic dependent launch) waits inside
+    its own duration; ``follows`` separates that wait from the kernel's own time, per
+    predecessor."""
+    ks = []
+    t = 0.0
+    for _ in range(3):  # a layer: down (split-K), q+k+v launched 2 us early, attention, o_proj, gate/up
+        ks += [(t, 5.0, "_narrow_linear_src"), (t + 3.0, 6.0, "_norm_linear_src"), (t + 10.0, 8.0, "flash_fwd"),
+               (t + 19.0, 4.0, "nvjet_tst"), (t + 24.0, 7.0, "_norm_linear_src")]
+        t += 40.0
+    by_prev = steptrace.follows(ks, "norm_linear")
+    assert set(by_prev) == {"_narrow_linear_src", "nvjet_tst"}
+    early = by_prev["_narrow_linear_src"]
+    assert early == {"launches": 3, "us": 6.0, "overlapped_us": 2.0, "own_us": 4.0}
+    late = by_prev["nvjet_tst"]
+    assert late == {"launches": 3, "us": 7.0, "overlapped_us": 0.0, "own_us": 7.0}
