@@ -148,7 +148,7 @@ def _norm_linear_src(
     K: tl.constexpr, K_A: tl.constexpr, K_B: tl.constexpr,
     HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
     ROPE: tl.constexpr, HALF: tl.constexpr, Q_HEADS: tl.constexpr, NORM_HEADS: tl.constexpr, KV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LATE_CS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
     """y[m, n] = rmsnorm(x[m] (+ r[m])) . w[n]  (n < N; with SWIGLU: silu(. w[n]) * (. w[N + n]));
@@ -161,7 +161,9 @@ def _norm_linear_src(
     the first Q_HEADS, kw after) and neox RoPE at the row's position (cs: cos | sin rows);
     v heads are stored as they come.  With KV (only with ROPE) the k and v heads also go to row
     slot[m] of the k / v cache (kc, vc: rows of stride_c, heads of stride_ch), none for slot < 0
-    or m >= n_slots.
+    or m >= n_slots.  A row's cos | sin come in before the GEMM, or after it with LATE_CS (a
+    float32 table, SGLang's: held through the GEMM, its two float32 tiles cost the q+k+v kernel
+    twice its time at 256 rows on an H200, round 21).
 
     With PDL (programmatic dependent launch, :func:`convgpt_core.kernels.pdl`) the program
     loads its weights, then waits for the kernels before it: nothing it reads or writes after
@@ -212,8 +214,9 @@ def _norm_linear_src(
         pos = tl.load(pos_ptr + rows, mask=mask_m, other=0).to(tl.int64)
         cs_rows = cs_ptr + pos[:, None] * stride_cs + offs_h[None, :]
         cs_mask = mask_m[:, None] & mask_n[None, :]
-        cos = tl.load(cs_rows, mask=cs_mask, other=0.0).to(tl.float32)
-        sin = tl.load(cs_rows + HALF, mask=cs_mask, other=0.0).to(tl.float32)
+        if not LATE_CS:
+            cos = tl.load(cs_rows, mask=cs_mask, other=0.0).to(tl.float32)
+            sin = tl.load(cs_rows + HALF, mask=cs_mask, other=0.0).to(tl.float32)
 
     xa = tl.load(x_ptr + rows[:, None] * stride_x + offs_a[None, :], mask=mask_m[:, None] & mask_a[None, :], other=0.0)
     if HAS_RES:
@@ -252,6 +255,9 @@ def _norm_linear_src(
             qk_rstd = 1.0 / tl.sqrt((tl.sum(acc * acc, axis=1) + tl.sum(acc_2 * acc_2, axis=1)) / (2 * HALF) + qk_eps)
             x_1 = acc * qk_rstd[:, None] * w_1[None, :]
             x_2 = acc_2 * qk_rstd[:, None] * w_2[None, :]
+            if LATE_CS:
+                cos = tl.load(cs_rows, mask=cs_mask, other=0.0)
+                sin = tl.load(cs_rows + HALF, mask=cs_mask, other=0.0)
             acc = x_1 * cos - x_2 * sin
             acc_2 = x_2 * cos + x_1 * sin
         tl.store(y_ptr + rows[:, None] * stride_y + offs_2[None, :], acc_2.to(y_ptr.dtype.element_ty),
@@ -350,7 +356,8 @@ def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, blo
         weight.stride(0), y2.stride(0), qk[4], *cache[3:], float(eps), qk[5],
         K=K, K_A=k_a, K_B=k_b, HAS_RES=has_res, SWIGLU=swiglu,
         ROPE=rope is not None, HALF=half, Q_HEADS=0 if rope is None else rope.q_heads,
-        NORM_HEADS=0 if rope is None else rope.q_heads + rope.kv_heads, KV=kv is not None, BLOCK_M=bm, BLOCK_N=bn,
+        NORM_HEADS=0 if rope is None else rope.q_heads + rope.kv_heads, KV=kv is not None,
+        LATE_CS=rope is not None and rope.cos_sin.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn,
         PRECISION=precision, UPCAST=upcast, PDL=on, num_warps=nw, num_stages=1, **({"launch_pdl": True} if on else {}),
     )
 

@@ -534,12 +534,14 @@ def _qk_rope_reference(qkv, qw, kw, eps, pos, q_heads, kv_heads):
     return torch.cat((q, k, heads[:, q_heads + kv_heads:]), dim=1).reshape(qkv.shape)
 
 
-def _qk_rope(M, hd, q_heads, kv_heads, **to):
+def _qk_rope(M, hd, q_heads, kv_heads, table=None, **to):
+    """The QKRope of :func:`_rope_case` in ``to``'s dtype, its cos | sin table in ``table``'s if given."""
     qw, kw, pos, cs = _rope_case(M, hd, q_heads, kv_heads)
-    return nl.QKRope(qw.to(**to), kw.to(**to), 1e-6, cs.to(**to), pos.to(to.get("device", "cpu")), q_heads, kv_heads)
+    return nl.QKRope(qw.to(**to), kw.to(**to), 1e-6, cs.to(to.get("device"), table or to["dtype"]),
+                     pos.to(to.get("device", "cpu")), q_heads, kv_heads)
 
 
-def _rope_check(run, dtype, device, M, K, hd, q_heads, kv_heads, residual=True, tol=None):
+def _rope_check(run, dtype, device, M, K, hd, q_heads, kv_heads, residual=True, tol=None, table=None):
     """``run(x, r, nw, eps, w, rope)`` (one of norm_linear's entry points) against float64."""
     x, r, nw, w = _nl_case(M, K, (q_heads + 2 * kv_heads) * hd, False)
     qw, kw, pos, _ = _rope_case(M, hd, q_heads, kv_heads)
@@ -547,7 +549,7 @@ def _rope_check(run, dtype, device, M, K, hd, q_heads, kv_heads, residual=True, 
     want = _qk_rope_reference(qkv, qw, kw, 1e-6, pos, q_heads, kv_heads)
     to = dict(device=device, dtype=dtype)
     y, s = run(x.to(**to), r.to(**to) if residual else None, nw.to(**to), 1e-6, w.to(**to),
-               _qk_rope(M, hd, q_heads, kv_heads, **to))
+               _qk_rope(M, hd, q_heads, kv_heads, table, **to))
     tol = tol or NL_TOL[dtype]
     assert y.shape == want.shape and y.dtype == dtype
     torch.testing.assert_close(y.double().cpu(), want, rtol=tol, atol=tol)
@@ -564,6 +566,14 @@ ROPE_SHAPES = [  # (M, K, head_dim, q heads, kv heads): GQA, MHA, a head whose h
 @pytest.mark.parametrize("M,K,hd,nq,nkv", ROPE_SHAPES)
 def test_norm_linear_rope_matches_float64(interp, M, K, hd, nq, nkv, residual, dtype):
     _rope_check(lambda *a: nl.norm_linear_triton(*a[:5], rope=a[5]), dtype, "cpu", M, K, hd, nq, nkv, residual)
+
+
+@pytest.mark.parametrize("M,K,hd,nq,nkv", ROPE_SHAPES[:2])
+def test_norm_linear_rope_float32_table_in_a_16bit_model(interp, M, K, hd, nq, nkv):
+    """SGLang keeps its cos | sin table in float32 under a bfloat16 model: the kernel reads that
+    table after its GEMM (LATE_CS) and matches float64 as with a table of the model's dtype."""
+    _rope_check(lambda *a: nl.norm_linear_triton(*a[:5], rope=a[5]), torch.bfloat16, "cpu", M, K, hd, nq, nkv,
+                table=torch.float32)
 
 
 def test_norm_linear_rope_unfused_path_matches_float64():
