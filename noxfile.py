@@ -284,8 +284,9 @@ def bench_graph_launch(session: nox.Session) -> None:
 
 @nox.session(name="bench-attention", default=False, venv_backend="none")
 def bench_attention(session: nox.Session) -> None:
-    """vLLM's FlashAttention decode by KV page size and split cap, at ConvGPT's attention geometry
-    (CUDA, Hopper; vLLM's GPU build in the engine environment)."""
+    """vLLM's FlashAttention decode by KV page size and split cap, or (``-- --backends``) against
+    FlashInfer's decode kernels, at ConvGPT's attention geometry (CUDA, Hopper; vLLM's GPU build
+    in the engine environment)."""
     run_in_engine(session, "vllm", "benchmarks/bench_attention.py", *session.posargs)
 
 
