@@ -873,7 +873,7 @@ def test_gpu_norm_linear_matches_float64(gpu, M, swiglu, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("M", [1, 16, 64, 100, 256, 2048])
+@pytest.mark.parametrize("M", [1, 16, 64, 100, 192, 256, 2048])
 def test_gpu_norm_linear_rope_matches_float64(gpu, M, dtype):
     # the published q+k+v: 16 q and 8 kv heads of 128 from D = 144; 2048 rows: the unfused path
     _rope_check(lambda *a: nl.norm_linear(*a[:5], rope=a[5]), dtype, "cuda", M, 144, 128, 16, 8)
