@@ -40,7 +40,7 @@ def sweep(unspecialized: bool) -> dict:
     import triton.testing
 
     from convgpt_core import kernels
-    from convgpt_core.narrow_linear import MAX_ROWS, _narrow_linear_src, narrow_linear_triton
+    from convgpt_core.narrow_linear import _narrow_linear_src, max_rows, narrow_linear_triton
     from convgpt_core.norm_linear import MAX_ROWS as NORM_ROWS
     from convgpt_core.norm_linear import _norm_linear_src, norm_linear_triton
 
@@ -60,7 +60,7 @@ def sweep(unspecialized: bool) -> dict:
                        lambda x, r, w=w, nw=nw, swiglu=swiglu: norm_linear_triton(x, r, nw, 1e-6, w, swiglu))
     for name, k in NARROW_SITES:
         w = randn(D, k)
-        calls[name] = (MAX_ROWS, k, lambda x, r, w=w: narrow_linear_triton(x, w))
+        calls[name] = (max_rows(k), k, lambda x, r, w=w: narrow_linear_triton(x, w))
     out = {}
     for name, (limit, k_in, call) in calls.items():
         first, steady = {}, {}

@@ -31,7 +31,7 @@ from . import narrow_linear as _narrow
 from . import norm_linear as _norm
 
 # Both ops run their unfused path for every row count above this.
-FUSED_UP_TO = max(_norm.MAX_ROWS, _narrow.MAX_ROWS)
+FUSED_UP_TO = max(_norm.MAX_ROWS, _narrow.MAX_ROWS, _narrow.MAX_ROWS_LONG_K)
 
 # The switches that change what a traced graph holds (read while the adapters' layers are
 # traced, not when the ops run): which ops the graph calls and whether attention gets k and v.

@@ -171,13 +171,11 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-# PDL up to this many rows (the most the decode kernels take): round 16's chain of 32 layers in
-# one CUDA graph (H200, bench_norm_linear.py --only chain, two runs) saved 3.6-3.7 / 2.7 / 2.8 /
-# 2.4 / 1.8-1.9 us per layer at 1 / 16 / 64 / 96 / 128 rows, 0.4-0.5 at 160 and 192, 0.1 at 224
-# and nothing at 256 (-0.2, -0.3).  With round 22's q+k+v tiles it saved 0.96 at 224 rows and
-# 0.30 at 256; with o_proj also moved to the split-K kernel there, the two together saved 1.43
-# and 0.22 (benchmarks/gpu/probe_r22c.py).
-PDL_MAX_ROWS = 256
+# PDL up to this many rows: round 16's chain of 32 layers in one CUDA graph (H200,
+# bench_norm_linear.py --only chain, two runs) saved 3.6-3.7 / 2.7 / 2.8 / 2.4 / 1.8-1.9 us per
+# layer at 1 / 16 / 64 / 96 / 128 rows, 0.4-0.5 at 160 and 192, 0.1 at 224 and nothing at 256
+# (-0.2, -0.3), where the kernels run long enough to hide their own launches.
+PDL_MAX_ROWS = 192
 
 
 def pdl(x: torch.Tensor, rows: int) -> bool:

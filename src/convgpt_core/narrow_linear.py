@@ -15,8 +15,9 @@ model dtype (as cuBLAS does), writes the output and resets the counter.  The cou
 in one zeroed buffer per device and stream that every call leaves zeroed again, so CUDA
 graphs replay the kernel with nothing to reset.
 
-Past :data:`MAX_ROWS` rows the op runs ``F.linear`` (cuBLAS), which keeps every SM busy
-without splitting K once there are enough rows.  Under ``torch.compile`` the call is the opaque custom op ``convgpt::narrow_linear``,
+Past :data:`MAX_ROWS` rows (:data:`MAX_ROWS_LONG_K` for K from :data:`LONG_K` up) the op runs
+``F.linear`` (cuBLAS), which keeps every SM busy without splitting K once there are enough
+rows.  Under ``torch.compile`` the call is the opaque custom op ``convgpt::narrow_linear``,
 which chooses by rows when it runs (or, in a graph compiled only for larger steps,
 :mod:`convgpt_core.graph_pass` writes in F.linear).  Only a
 whole (unsharded, unquantized, LoRA-free) weight qualifies: the adapters check that and
@@ -46,12 +47,14 @@ from .kernels import (
 from .norm_linear import _as_rows, _rows
 
 BLOCK_N = 16  # output columns per program: D = 144 is nine blocks
-# Up to this many rows the kernel runs, cuBLAS above.  Round 6 (H200, one CUDA graph replay
-# each, o_proj / down): 1 row 3.6 / 3.8 us vs cuBLAS 5.0 / 6.2, 128 rows 4.9 / 5.2 vs 5.1 / 6.5.
-# Above 128 rows round 14 kept o_proj (K = 2048) on cuBLAS, one call at a time (256 rows: 5.35
-# vs 5.10 us); round 22 timed it in the 32-layer decode chain (benchmarks/gpu/probe_r22c.py),
-# where the kernel, with PDL up to 256 rows, took 0.95-0.99x the chain's time at 160-256 rows.
-MAX_ROWS = 256
+# Up to this many rows the kernel runs, cuBLAS above: H200, round 6, the kernel against
+# cuBLAS (one CUDA graph replay each) for o_proj / down: 1 row 3.6 / 3.8 us vs 5.0 / 6.2;
+# 128 rows 4.9 / 5.2 vs 5.1 / 6.5 (four K slices per program); 256 rows 6.3 / 6.4 vs 5.1 / 6.6.
+MAX_ROWS = 128
+# ... and up to MAX_ROWS_LONG_K rows where K is at least LONG_K: round 14's tile sweep
+# (bench_norm_linear.py --tiles) at 256 rows, eight K slices per program: down (K = 3072)
+# 5.61 us vs cuBLAS 6.58, o_proj (K = 2048) 5.35 vs 5.10, so o_proj keeps cuBLAS there.
+LONG_K, MAX_ROWS_LONG_K = 3072, 256
 _COUNTERS = 4096  # tile counters per buffer (tiles = row blocks x column blocks)
 
 
@@ -136,6 +139,11 @@ def _counters(device: torch.device) -> torch.Tensor:
     return buf
 
 
+def max_rows(K: int) -> int:
+    """The most rows the kernel takes for an input K wide (cuBLAS above)."""
+    return MAX_ROWS_LONG_K if K >= LONG_K else MAX_ROWS
+
+
 @functools.cache
 def _tiles(M: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_K, blocks of K per split, num_warps): a fixed heuristic from the K-split
@@ -196,7 +204,7 @@ def narrow_linear_triton(
 
 
 def _kernel_or_cublas(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if _rows(x) <= MAX_ROWS:
+    if _rows(x) <= max_rows(weight.shape[1]):
         return narrow_linear_triton(x, weight)
     return F.linear(x, weight)
 
@@ -208,7 +216,7 @@ _HAVE_OP = triton is not None and register_op(  # the body looked up when called
 
 
 def narrow_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T``: the split-K kernel up to :data:`MAX_ROWS` rows where
+    """``x @ weight.T``: the split-K kernel up to :func:`max_rows` rows where
     :func:`narrow_linear_available` (chosen at run time inside the custom op when compiled),
     ``F.linear`` elsewhere."""
     if not narrow_linear_available(x, weight):

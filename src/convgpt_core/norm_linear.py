@@ -322,13 +322,14 @@ def _tiles(M: int, swiglu: bool, half_head: int = 0) -> tuple[int, int, int]:
     the fastest tile at each size swept ran four.
 
     With q/k norm + RoPE (``half_head``: half a head's width) a program takes one head, its two
-    halves as two column blocks, and the rows go in tiles of 16 up to 192 rows, then 32.  Timed
-    in the decode chain (round 22, ``benchmarks/gpu/probe_r22.py``), 16-row tiles took 0.94-0.98x
-    the chain's time per layer at 128-192 rows, 32-row ones 0.98-1.00x at 256, against the 64-row
-    tile, which spills ~1 KB a thread there (round 21); alone and hot (round 15) all came within
-    2-7%."""
+    halves as two column blocks, and the rows go in tiles of 16 up to 192 rows, then 64.  Timed
+    in the decode chain (round 22, ``benchmarks/gpu/probe_r22.py``, two machines), 16-row tiles
+    took 0.94-0.97x the chain's time per layer at 128-192 rows against the 64-row tile, which
+    spills ~1 KB a thread (round 21); alone and hot (round 15) all came within 2-7%.  At 256
+    rows the 32- and 64-row tiles came within 2% of each other, and the 64-row one is the one
+    measured end to end there (SGLang, round 22)."""
     if half_head:
-        return (16 if M <= 192 else 32), max(16, triton.next_power_of_2(half_head)), 4
+        return (16 if M <= 192 else 64), max(16, triton.next_power_of_2(half_head)), 4
     bm = 64 if (M > 128 and not swiglu) else 16 if M <= 16 else 32
     bn = 32 if M <= 32 else 64 if (M <= 64 or (M > 128 and swiglu)) else 128
     return bm, bn, 4
