@@ -1,6 +1,6 @@
-# Round 22, third machine: `gpu.sh bg benchmarks/gpu/round22d.sh` at the commit that runs o_proj
-# through narrow_linear and launches the decode kernels with PDL up to 256 rows (probe_r22c), with
-# SGLang staged and installed.  GPU kernel tests of narrow_linear, PDL and the fused layers; the
+# Round 22, fourth machine: `gpu.sh bg benchmarks/gpu/round22d.sh` at the commit that runs o_proj
+# through narrow_linear and launches the decode kernels with PDL up to 256 rows (probe_r22c; taken
+# back in the next commit), with SGLang staged and installed.  GPU kernel tests of narrow_linear, PDL and the fused layers; the
 # decode chain at 1-256 rows; probe_r22c.py again (its "shipped" now the new choices); then
 # ConvGPT vs twin on SGLang at batch 256, 5 interleaved rounds, traced on the timed engines.
 G="bash benchmarks/gpu/gpu.sh"
