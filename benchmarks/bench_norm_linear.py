@@ -253,6 +253,35 @@ def chain_step(layers, cos_sin, h, res, pos):
     return h, res
 
 
+def chain_inputs(m: int, dev, dt):
+    """A decode step of ``m`` rows for :func:`chain_step`: the stream and the residual (random,
+    ``dt``) and positions in :func:`chain_case`'s table."""
+    import torch
+
+    h, res = (torch.randn(m, D, device=dev).to(dt) for _ in range(2))
+    return h, res, torch.randint(0, 8192, (m,), device=dev)
+
+
+def max_rel_diff(got, want) -> float:
+    """The largest difference between two outputs of :func:`chain_step`, over ``want``'s largest
+    value (a tile that changes only the rounding shows bf16-sized numbers here)."""
+    return max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(got, want))
+
+
+def interleaved(step, variants: dict, rounds: int = 5, rep: int = 40) -> dict[object, list[float]]:
+    """us per layer of ``step`` (a chain of LAYERS layers) replayed in a CUDA graph under each of
+    ``variants`` (key: a factory of the context manager that sets the variant up), ``rounds``
+    timings each, the variants taking turns."""
+    from triton.testing import do_bench_cudagraph
+
+    runs = {v: [] for v in variants}
+    for _ in range(rounds):
+        for v, setup in variants.items():
+            with setup():
+                runs[v].append(do_bench_cudagraph(step, rep=rep) * 1e3 / LAYERS)
+    return runs
+
+
 def chain(batches: list[int], timed, say, save) -> None:
     """LAYERS fused decoder layers back to back in one CUDA graph, with and without PDL."""
     import torch
@@ -261,9 +290,6 @@ def chain(batches: list[int], timed, say, save) -> None:
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     layers, cos_sin = chain_case(dev, dt)
-
-    def randn(*shape):
-        return torch.randn(*shape, device=dev).to(dt)
 
     def step(h, res, pos):
         return chain_step(layers, cos_sin, h, res, pos)
@@ -274,8 +300,7 @@ def chain(batches: list[int], timed, say, save) -> None:
     say(f"{LAYERS} layers per CUDA graph, us per layer (PDL at every size; shipped up to {shipped} rows)")
     say(f"{'M':>6}{'plain':>9}{'PDL':>9}{'saved':>8}")
     for m in batches:
-        h, res = randn(m, D), randn(m, D)
-        pos = torch.randint(0, 8192, (m,), device=dev)
+        h, res, pos = chain_inputs(m, dev, dt)
         os.environ["CONVGPT_PDL"] = "0"
         want = step(h, res, pos)
         plain = timed(step, h, res, pos) / LAYERS

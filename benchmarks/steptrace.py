@@ -266,16 +266,20 @@ def op_classes(ks: list[tuple[float, float, str]]) -> dict:
             "top_kernels_ms": [[n[:120], round(v, 3)] for n, v in top]}
 
 
+def launches(ks: list[tuple[float, float, str]], name: str) -> list[tuple[str, float, float]]:
+    """Each launch of the kernels whose name contains ``name`` among ``ks`` (:func:`kernels`), in
+    order: the name of the kernel that started before it, its duration, and the part of that
+    spent while the kernel before still ran (the early start programmatic dependent launch
+    allows: the kernel waits there for the one before it); us."""
+    return [(n0, d1, min(d1, max(0.0, t0 + d0 - t1))) for (t0, d0, n0), (t1, d1, n1) in zip(ks, ks[1:]) if name in n1]
+
+
 def follows(ks: list[tuple[float, float, str]], name: str) -> dict[str, dict]:
-    """The launches of the kernels whose name contains ``name`` among ``ks`` (:func:`kernels`),
-    grouped by the name of the kernel that started before each: how many, and the medians of
-    their duration, of the part of it spent while that kernel still ran (the early start
-    programmatic dependent launch allows: the kernel waits there for the one before it), and of
-    the rest (its own time)."""
+    """:func:`launches` grouped by the kernel before each: how many, and the medians of their
+    duration, of the part that overlapped that kernel, and of the rest (their own time)."""
     groups: dict[str, list[tuple[float, float]]] = {}
-    for (t0, d0, n0), (t1, d1, n1) in zip(ks, ks[1:]):
-        if name in n1:
-            groups.setdefault(n0, []).append((d1, min(d1, max(0.0, t0 + d0 - t1))))
+    for prev, d, overlapped in launches(ks, name):
+        groups.setdefault(prev, []).append((d, overlapped))
     return {prev: {"launches": len(v), "us": statistics.median(d for d, _ in v),
                    "overlapped_us": statistics.median(o for _, o in v),
                    "own_us": statistics.median(d - o for d, o in v)}

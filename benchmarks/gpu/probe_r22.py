@@ -6,8 +6,8 @@ call at a time, hot, where they came within 2-7%; here each runs in the chain.
 
 Per row count, cos | sin table (bf16 as vLLM's, float32 as SGLang's) and tile (BLOCK_M, warps):
 the chain's us per layer in a CUDA graph (median of 5 do_bench_cudagraph runs, the tiles
-interleaved) and the q+k+v kernel's own us per launch from an eager profiled pass (steptrace
---follows, the launches after down).  Each tile's chain output is compared with the shipped tile's
+interleaved) and the q+k+v and gate/up kernels' own us per launch from an eager profiled pass
+(steptrace.launches, less what overlapped the kernel before).  Each tile's chain output is compared with the shipped tile's
 (largest difference over the output's largest value).
 
 Usage: python benchmarks/gpu/probe_r22.py OUT_DIR
@@ -18,10 +18,10 @@ import json
 import os
 import statistics
 import sys
+from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import bench_norm_linear as bench  # noqa: E402
@@ -31,23 +31,22 @@ from convgpt_core import norm_linear as nl  # noqa: E402
 
 ROWS = (96, 128, 160, 192, 256)
 TILES = ((16, 4), (32, 4), (32, 8), (64, 4), (64, 8))  # (BLOCK_M, warps) of the RoPE path
-shipped_tiles = nl._tiles
 
 
-def use_tile(tile):
-    """Make the RoPE path take ``tile`` (None: the shipped heuristic); the rest stays shipped."""
+def tile_used(tile):
+    """A context in which the RoPE path takes ``tile``; the rest stays shipped."""
+    shipped = nl._tiles
+
     def tiles(m, swiglu, half_head=0):
-        base = shipped_tiles(m, swiglu, half_head)
-        return (tile[0], base[1], tile[1]) if (half_head and tile) else base
-    nl._tiles = tiles
+        base = shipped(m, swiglu, half_head)
+        return (tile[0], base[1], tile[1]) if half_head else base
+    return mock.patch.object(nl, "_tiles", tiles)
 
 
 def own_us(path: str) -> tuple[float, float]:
     """Medians of the q+k+v and gate/up launches' own time (less what overlapped the kernel
     before: an early start under programmatic dependent launch), us; a layer launches q+k+v first."""
-    ks = steptrace.kernels(path)
-    own = [d1 - min(d1, max(0.0, t0 + d0 - t1)) for (t0, d0, _), (t1, d1, n1) in zip(ks, ks[1:])
-           if "norm_linear" in n1]
+    own = [d - overlapped for _, d, overlapped in steptrace.launches(steptrace.kernels(path), "norm_linear")]
     return statistics.median(own[0::2]), statistics.median(own[1::2])
 
 
@@ -57,34 +56,26 @@ def main():
     layers, table = bench.chain_case(dev, dt)
     rows = []
     for m in ROWS:
-        h, res = (torch.randn(m, bench.D, device=dev).to(dt) for _ in range(2))
-        pos = torch.randint(0, 8192, (m,), device=dev)
+        h, res, pos = bench.chain_inputs(m, dev, dt)
         for tname, cos_sin in (("bf16", table), ("float32", table.float())):
-            use_tile(None)
-            want = bench.chain_step(layers, cos_sin, h, res, pos)
-            shipped = shipped_tiles(m, False, 64)
-            runs = {t: [] for t in TILES}
+            step = functools.partial(bench.chain_step, layers, cos_sin, h, res, pos)
+            want = step()
+            shipped = nl._tiles(m, False, 64)
+            variants = {t: functools.partial(tile_used, t) for t in TILES}
             kernel_us, diff = {}, {}
-            for t in TILES:
-                use_tile(t)
-                got = bench.chain_step(layers, cos_sin, h, res, pos)
-                diff[t] = max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
-                              for a, b in zip(got, want))
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(3):
-                        bench.chain_step(layers, cos_sin, h, res, pos)
+            for t, setup in variants.items():
+                with setup():
+                    diff[t] = bench.max_rel_diff(step(), want)
                     torch.cuda.synchronize()
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        for _ in range(3):
+                            step()
+                        torch.cuda.synchronize()
                 path = os.path.join(out, "probe.json")
                 prof.export_chrome_trace(path)
                 kernel_us[t] = own_us(path)
                 os.remove(path)
-            for _ in range(5):  # interleaved
-                for t in TILES:
-                    use_tile(t)
-                    fn = functools.partial(bench.chain_step, layers, cos_sin, h, res, pos)
-                    runs[t].append(do_bench_cudagraph(fn, rep=40) * 1e3 / bench.LAYERS)
-            use_tile(None)
+            runs = bench.interleaved(step, variants)
             base = statistics.median(runs[(shipped[0], shipped[2])])
             print(f"rows {m}, cos|sin {tname}, shipped tile {shipped[0]}x{shipped[2]}: chain us/layer "
                   f"(median, min-max of 5), q+k+v / gate-up kernel us (eager, profiled)")

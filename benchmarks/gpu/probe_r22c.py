@@ -20,9 +20,9 @@ import json
 import os
 import statistics
 import sys
+from unittest import mock
 
 import torch
-from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import bench_norm_linear as bench  # noqa: E402
@@ -34,22 +34,12 @@ from convgpt_core import norm_linear as nl  # noqa: E402
 ROWS = (160, 192, 224, 256)
 
 
-@contextlib.contextmanager
-def patched(module, name, value):
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
-
-
 def gate_up_tile(bm, bn):
     shipped = nl._tiles
 
     def tiles(m, swiglu, half_head=0):
         return (bm, bn, 4) if (swiglu and m > 128 and not half_head) else shipped(m, swiglu, half_head)
-    return patched(nl, "_tiles", tiles)
+    return mock.patch.object(nl, "_tiles", tiles)
 
 
 def down_tile(bm, kps):
@@ -57,7 +47,7 @@ def down_tile(bm, kps):
 
     def tiles(m):
         return (bm, 128, kps, 4) if m > 128 else shipped(m)
-    return patched(nar, "_tiles", tiles)
+    return mock.patch.object(nar, "_tiles", tiles)
 
 
 @contextlib.contextmanager
@@ -70,9 +60,10 @@ def both(*cms):
 
 VARIANTS = {
     "shipped": contextlib.nullcontext,
-    "pdl256": lambda: patched(kernels, "PDL_MAX_ROWS", 256),
-    "oproj-narrow": lambda: patched(nar, "MAX_ROWS", 256),
-    "oproj-narrow+pdl256": lambda: both(patched(nar, "MAX_ROWS", 256), patched(kernels, "PDL_MAX_ROWS", 256)),
+    "pdl256": lambda: mock.patch.object(kernels, "PDL_MAX_ROWS", 256),
+    "oproj-narrow": lambda: mock.patch.object(nar, "MAX_ROWS", 256),
+    "oproj-narrow+pdl256": lambda: both(mock.patch.object(nar, "MAX_ROWS", 256),
+                                        mock.patch.object(kernels, "PDL_MAX_ROWS", 256)),
     "gu 16x64": lambda: gate_up_tile(16, 64),
     "gu 32x128": lambda: gate_up_tile(32, 128),
     "gu 64x64": lambda: gate_up_tile(64, 64),
@@ -88,19 +79,13 @@ def main():
     layers, table = bench.chain_case(dev, dt)
     rows = []
     for m in ROWS:
-        h, res = (torch.randn(m, bench.D, device=dev).to(dt) for _ in range(2))
-        pos = torch.randint(0, 8192, (m,), device=dev)
-        step = functools.partial(bench.chain_step, layers, table, h, res, pos)
+        step = functools.partial(bench.chain_step, layers, table, *bench.chain_inputs(m, dev, dt))
         want = step()
-        diff, runs = {}, {v: [] for v in VARIANTS}
-        for v, cm in VARIANTS.items():
-            with cm():
-                got = step()
-            diff[v] = max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(got, want))
-        for _ in range(5):  # interleaved
-            for v, cm in VARIANTS.items():
-                with cm():
-                    runs[v].append(do_bench_cudagraph(step, rep=40) * 1e3 / bench.LAYERS)
+        diff = {}
+        for v, setup in VARIANTS.items():
+            with setup():
+                diff[v] = bench.max_rel_diff(step(), want)
+        runs = bench.interleaved(step, VARIANTS)
         base = statistics.median(runs["shipped"])
         print(f"rows {m}: chain us per layer (median, min-max of 5), ratio to shipped, output vs shipped")
         for v in VARIANTS:
