@@ -317,3 +317,56 @@ def test_kv_store_writes_where_sglangs_own_cache_write_does():
     assert plain_kv_store(pool(torch.float8_e4m3fn), batch, 1, 2, 8, h) is None
     ours.layer_transfer_counter = object()  # hierarchical cache: layers arrive one by one
     assert plain_kv_store(ours, batch, 1, 2, 8, h) is None
+
+
+def test_head_writes_float32_logits_into_sglangs_buffer(tmp_path, monkeypatch):
+    """ConvGPT's logits processor hands SGLang's float32 logits buffer (the decode graphs'
+    ``next_token_logits_buffer``) to the head's GEMM, and SGLang keeps that buffer as the logits:
+    no copy after the GEMM.  Without a buffer the GEMM's own float32 result is the logits, and
+    where the float32 GEMM does not apply (here: CPU) SGLang's own head runs, its bf16 logits cast
+    into the buffer.  On CPU torch has no float32-output GEMM, so it is stood in for by a float64
+    product rounded to float32 (the GPU function is tests/core/test_logits.py's)."""
+    from types import SimpleNamespace
+
+    from sglang.srt.layers.quantization.unquant import UnquantizedEmbeddingMethod
+
+    import convgpt.sglang.model as sgl_model
+    from convgpt_core.config import ConvGPTConfig
+    from convgpt_core.tiny import make_checkpoint
+
+    make_checkpoint(str(tmp_path), preset="tiny", seed=1)
+    gen = torch.Generator().manual_seed(0)
+    rows, width, vocab = 4, 48, 96
+    lm_head = SimpleNamespace(weight=torch.randn(vocab, width, generator=gen).bfloat16(),
+                              quant_method=UnquantizedEmbeddingMethod())
+    hidden = torch.randn(rows, width, generator=gen).bfloat16()
+    widened = hidden * 2  # the head's widening, applied to the rows the logits are for
+    exact = (widened.double() @ lm_head.weight.double().T).float()
+    handed = []
+
+    def float32_gemm(h, w, out=None):
+        handed.append(out)
+        logits = (h.double() @ w.double().T).float()
+        return logits if out is None else out.copy_(logits)
+
+    with _published_server_args(str(tmp_path)):
+        proc = sgl_model.ConvGPTLogitsProcessor(ConvGPTConfig(vocab_size=vocab), lambda h: h * 2)
+        buffer = torch.full((rows, vocab), float("nan"))
+        meta = SimpleNamespace(next_token_logits_buffer=buffer)
+
+        monkeypatch.setattr(sgl_model, "float_logits", float32_gemm)
+        got = proc._get_logits(hidden, lm_head, meta)
+        assert handed == [buffer] and got is buffer and torch.equal(got, exact)
+        handed.clear()
+        got = proc._get_logits(hidden, lm_head, meta, use_logits_buffer=False)
+        assert handed == [None] and got.data_ptr() != buffer.data_ptr() and torch.equal(got, exact)
+        lora = SimpleNamespace(**vars(lm_head), set_lora=None)  # a LoRA-wrapped head: SGLang's own
+        assert proc._compute_lm_head(hidden, lm_head, torch.zeros(vocab)) is not None and len(handed) == 1
+        monkeypatch.undo()
+
+        buffer.fill_(float("nan"))
+        got = proc._get_logits(hidden, lm_head, meta)  # CPU: SGLang's bf16 head, then its cast
+        assert got.data_ptr() == buffer.data_ptr()
+        assert torch.equal(got, (widened @ lm_head.weight.T).float())
+        assert not torch.equal(got, exact)
+        assert sgl_model.plain_head(lm_head) and not sgl_model.plain_head(lora)
