@@ -25,8 +25,10 @@ def float_logits_on() -> bool:
 
 def float_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """``hidden @ weight.T`` (rows x width times vocab x width) as float32, from a bf16 or fp16
-    GEMM with float32 output, into ``out`` when ``out`` is a contiguous float32 tensor of the
-    result's shape (a new tensor otherwise).  None where this does not apply, and the caller
+    GEMM with float32 output, into ``out`` when ``out`` is a contiguous float32 tensor with a row
+    for each of ``hidden``'s (a new tensor otherwise).  ``out`` may have fewer columns than
+    ``weight`` has rows: the engines pad the vocabulary to a multiple of 64 rows and keep the
+    first ``vocab_size`` logits, their buffer's width; the padding rows are then not multiplied.  None where this does not apply, and the caller
     runs the engine's own head: the switch is off, the tensors are not on CUDA (cuBLAS has the
     float32-output GEMM; CPU's torch has not), or they are not both bf16 or both fp16."""
     if not (
@@ -38,7 +40,10 @@ def float_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor |
         and weight.dtype == hidden.dtype
     ):
         return None
-    shape = (hidden.shape[0], weight.shape[0])
-    if out is not None and (out.dtype != torch.float32 or tuple(out.shape) != shape or not out.is_contiguous()):
-        out = None
+    if out is not None:
+        if (out.dtype != torch.float32 or out.dim() != 2 or out.shape[0] != hidden.shape[0]
+                or not 0 < out.shape[1] <= weight.shape[0] or not out.is_contiguous()):
+            out = None
+        else:
+            weight = weight[: out.shape[1]]  # the rows past it pad the vocab: the engine drops their logits
     return torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)

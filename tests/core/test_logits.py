@@ -34,8 +34,8 @@ def test_engine_keeps_the_head_where_float_logits_do_not_apply(monkeypatch):
 @pytest.mark.parametrize("rows", [1, 7, 256])
 def test_gpu_float_logits_match_float64_into_the_engines_buffer(rows, dtype):
     """Float32 logits of the same 16-bit values as a float64 product (only the float32
-    accumulation differs), written into the float32 buffer handed in; a buffer of another shape
-    or dtype is left alone."""
+    accumulation differs), written into the float32 buffer handed in, also one narrower than the
+    (padded) vocab; a buffer of another shape or dtype is left alone."""
     h, w = _inputs(rows, 1296, 5000, dtype, "cuda")
     want = h.double() @ w.double().T
     buf = torch.full((rows, 5000), float("nan"), device="cuda")
@@ -46,7 +46,11 @@ def test_gpu_float_logits_match_float64_into_the_engines_buffer(rows, dtype):
     # the engine's path rounds each logit to 16 bits first: the float32 ones are closer
     rounded = (h @ w.T).double()
     assert err < (rounded - want).abs().max().item()
-    for other in (torch.zeros(rows + 1, 5000, device="cuda"), torch.zeros(rows, 5000, device="cuda", dtype=dtype)):
+    padded = torch.empty(rows, 4990, device="cuda")  # the vocab past 4990 rows is the weight's padding
+    narrow = float_logits(h, w, padded)
+    assert narrow.data_ptr() == padded.data_ptr() and torch.allclose(narrow, got[:, :4990], rtol=1e-6, atol=1e-6)
+    for other in (torch.zeros(rows + 1, 5000, device="cuda"), torch.zeros(rows, 5001, device="cuda"),
+                  torch.zeros(rows, 5000, device="cuda", dtype=dtype)):
         fresh = float_logits(h, w, other)
         assert fresh.data_ptr() != other.data_ptr() and torch.allclose(fresh, got, rtol=1e-6, atol=1e-6)
         assert not other.any()
