@@ -1,3 +1,4 @@
+# Ran at commit 4d9f94d (float32 logits, taken back after round23b.sh).
 # Round 23: SGLang alone (its one part staged in /root/stage-sgl and installed first),
 # `gpu.sh bg benchmarks/gpu/round23.sh`.  The head's GEMM writing float32 logits into SGLang's
 # logits buffer (convgpt_core.logits): its GPU tests; ConvGPT vs twin at batch 256 and 1, 5

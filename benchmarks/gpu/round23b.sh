@@ -1,3 +1,4 @@
+# Ran at commit 955dcab (float32 logits, taken back after this run: see the results README).
 # Round 23, second script on the same machine: round23.sh's first ConvGPT vs twin run showed the
 # head's GEMM not writing into SGLang's buffer (the vocab, 65538, is padded to 65600 rows, and
 # float_logits wanted the buffer as wide as the weight), so this repeats it at the fix, after the

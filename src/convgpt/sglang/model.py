@@ -30,7 +30,7 @@ from sglang.srt.layers.linear import (
     RowParallelLinear,
 )
 from sglang.srt.layers.logits_processor import LogitsProcessor
-from sglang.srt.layers.quantization.unquant import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
+from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.layers.utils import PPMissingLayer
@@ -47,7 +47,6 @@ from convgpt_core.checkpoint import check_served_checkpoint, load_published
 from convgpt_core.compressor import CausalConvPool, ScaleNorm, after_loading
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 from convgpt_core.kernels import compress, warm_up
-from convgpt_core.logits import float_logits
 from convgpt_core.lora import fused_linear_dims
 from convgpt_core.narrow_linear import to_stream
 from convgpt_core.norm_linear import (
@@ -360,49 +359,18 @@ class ConvGPTModel(nn.Module):
         warm_up(self.conv, self.norm_emb, self.embed_tokens.weight.dtype)
 
 
-def plain_head(lm_head: nn.Module) -> bool:
-    """An lm_head SGLang multiplies by its weight as loaded: not quantized, not wrapped for LoRA."""
-    return (isinstance(getattr(lm_head, "quant_method", None), UnquantizedEmbeddingMethod)
-            and not hasattr(lm_head, "set_lora") and isinstance(getattr(lm_head, "weight", None), torch.Tensor))
-
-
 class ConvGPTLogitsProcessor(LogitsProcessor):
     """SGLang's logits processor, with ConvGPT's head applied to the rows it keeps: a prefill
     without input logprobs keeps one row per request, so the tied head widens only those.
-    ``_get_logits(hidden_states, lm_head, metadata, embedding_bias=None, use_logits_buffer=True)``
-    is where every path (sampled rows, input-logprob chunks, scoring) turns rows into logits, in
-    0.5.16 and 0.5.23 alike.
-
-    The head's GEMM writes float32 logits (:func:`convgpt_core.logits.float_logits`) into the
-    float32 buffer the logits end up in (the decode graphs' ``next_token_logits_buffer``), which
-    SGLang then keeps as it is: 0.5.23 returns a buffer handed back to it, 0.5.16 copies it onto
-    itself (``copy_`` does nothing then).  SGLang's own path is a bf16 GEMM and a cast into that
-    buffer.  0.5.23 hands ``_compute_lm_head`` the buffer as ``out``; 0.5.16 does not, so
-    ``_get_logits`` notes it for the call it makes."""
+    ``_get_logits(hidden_states, lm_head, metadata, ...)`` is where every path (sampled rows,
+    input-logprob chunks, scoring) turns rows into logits, in 0.5.16 and 0.5.23 alike."""
 
     def __init__(self, config: ConvGPTConfig, head) -> None:
         super().__init__(config)
         self.head = head
-        self._logits_out: torch.Tensor | None = None
 
-    def _get_logits(self, hidden_states: torch.Tensor, lm_head, logits_metadata, embedding_bias=None,
-                    use_logits_buffer: bool = True) -> torch.Tensor:
-        # As SGLang decides where the logits go: its buffer, unless they are gathered across ranks.
-        if use_logits_buffer and not self.do_tensor_parallel_all_gather:
-            self._logits_out = getattr(logits_metadata, "next_token_logits_buffer", None)
-        try:
-            return super()._get_logits(self.head(hidden_states), lm_head, logits_metadata, embedding_bias,
-                                       use_logits_buffer)
-        finally:
-            self._logits_out = None
-
-    def _compute_lm_head(self, hidden_states: torch.Tensor, lm_head, embedding_bias=None, **kwargs) -> torch.Tensor:
-        if (embedding_bias is None and plain_head(lm_head) and not self.use_fp32_lm_head
-                and self.rl_on_policy_target is None):
-            logits = float_logits(hidden_states, lm_head.weight, kwargs.get("out", self._logits_out))
-            if logits is not None:
-                return logits
-        return super()._compute_lm_head(hidden_states, lm_head, embedding_bias, **kwargs)
+    def _get_logits(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return super()._get_logits(self.head(hidden_states), *args, **kwargs)
 
 
 class ConvGPTForCausalLM(nn.Module):
