@@ -136,6 +136,31 @@ class KVStore(NamedTuple):
             raise ValueError(f"KV store: {self.slots.numel()} slots ({self.slots.dtype}) for {rows} rows")
 
 
+class QKV(NamedTuple):
+    """A q+k+v output as two tensors in one buffer, as :func:`norm_linear_triton` with
+    ``q_apart`` writes it: ``q``, the q heads (contiguous), then ``kv``, the k and v heads."""
+
+    q: torch.Tensor
+    kv: torch.Tensor
+
+    @classmethod
+    def of(cls, y: torch.Tensor, q_width: int) -> QKV:
+        """The two tensors in the memory of ``y`` (contiguous, q+k+v columns): every row's q heads
+        first, then every row's k and v heads."""
+        lead, n = y.shape[:-1], y.shape[-1]
+        flat = y.view(-1)
+        at = flat.numel() // n * q_width
+        return cls(flat[:at].view(*lead, q_width), flat[at:].view(*lead, n - q_width))
+
+
+def split_qkv(qkv: torch.Tensor | QKV, q_size: int, kv_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q, k and v heads of a q+k+v output: column views of a tensor in the engines' layout, or
+    of a :class:`QKV`'s two tensors."""
+    if isinstance(qkv, QKV):
+        return (qkv.q, *qkv.kv.split([kv_size, kv_size], dim=-1))
+    return qkv.split([q_size, kv_size, kv_size], dim=-1)
+
+
 # --------------------------------------------------------------------------------------
 # The kernel
 
@@ -148,7 +173,7 @@ def _norm_linear_src(
     K: tl.constexpr, K_A: tl.constexpr, K_B: tl.constexpr,
     HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
     ROPE: tl.constexpr, HALF: tl.constexpr, Q_HEADS: tl.constexpr, NORM_HEADS: tl.constexpr, KV: tl.constexpr,
-    LATE_CS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LATE_CS: tl.constexpr, Q_APART: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
     """y[m, n] = rmsnorm(x[m] (+ r[m])) . w[n]  (n < N; with SWIGLU: silu(. w[n]) * (. w[N + n]));
@@ -163,7 +188,9 @@ def _norm_linear_src(
     slot[m] of the k / v cache (kc, vc: rows of stride_c, heads of stride_ch), none for slot < 0
     or m >= n_slots.  A row's cos | sin come in before the GEMM, or after it with LATE_CS (a
     float32 table, SGLang's: held through the GEMM, its two float32 tiles cost the q+k+v kernel
-    twice its time at 256 rows on an H200, round 21).
+    twice its time at 256 rows on an H200, round 21).  With Q_APART (only with ROPE) y is two
+    tensors, one after the other: the q heads (M rows of stride_y) and then the k and v heads
+    (M rows of N - stride_y), so that the q heads reach attention as one contiguous tensor.
 
     With PDL (programmatic dependent launch, :func:`convgpt_core.kernels.pdl`) the program
     loads its weights, then waits for the kernels before it: nothing it reads or writes after
@@ -260,6 +287,12 @@ def _norm_linear_src(
                 sin = tl.load(cs_rows + HALF, mask=cs_mask, other=0.0)
             acc = x_1 * cos - x_2 * sin
             acc_2 = x_2 * cos + x_1 * sin
+        if Q_APART:  # the head's place: in the q tensor, or in the k+v tensor after it
+            in_kv = (pid_n >= Q_HEADS).to(tl.int64)
+            y_ptr += in_kv * M * stride_y
+            offs_n -= in_kv * stride_y
+            offs_2 -= in_kv * stride_y
+            stride_y += in_kv * (N - 2 * stride_y)
         tl.store(y_ptr + rows[:, None] * stride_y + offs_2[None, :], acc_2.to(y_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
         if KV:  # noqa: SIM102 - a constexpr test, then a run-time one
@@ -336,7 +369,7 @@ def _tiles(M: int, swiglu: bool, half_head: int = 0) -> tuple[int, int, int]:
 
 
 def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, block_n, num_warps, pdl_ok=True,
-            kv=None):
+            kv=None, q_apart=False):
     M, K = x2.shape
     N = y2.shape[1]
     k_a, k_b = _d_blocks(K)
@@ -357,11 +390,11 @@ def _launch(x2, r2, s2, norm_weight, weight, y2, eps, swiglu, rope, block_m, blo
     jitted(_norm_linear_src)[grid](
         x2, r2 if has_res else x2, s2 if has_res else x2, norm_weight, weight, y2, *qk[:4], *cache[:3],
         M, N, x2.stride(0), r2.stride(0) if has_res else 0, s2.stride(0) if has_res else 0,
-        weight.stride(0), y2.stride(0), qk[4], *cache[3:], float(eps), qk[5],
+        weight.stride(0), rope.q_heads * rope.head_dim if q_apart else y2.stride(0), qk[4], *cache[3:], float(eps), qk[5],
         K=K, K_A=k_a, K_B=k_b, HAS_RES=has_res, SWIGLU=swiglu,
         ROPE=rope is not None, HALF=half, Q_HEADS=0 if rope is None else rope.q_heads,
         NORM_HEADS=0 if rope is None else rope.q_heads + rope.kv_heads, KV=kv is not None,
-        LATE_CS=rope is not None and rope.cos_sin.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn,
+        LATE_CS=rope is not None and rope.cos_sin.dtype == torch.float32, Q_APART=q_apart, BLOCK_M=bm, BLOCK_N=bn,
         PRECISION=precision, UPCAST=upcast, PDL=on, num_warps=nw, num_stages=1, **({"launch_pdl": True} if on else {}),
     )
 
@@ -381,12 +414,16 @@ def norm_linear_triton(
     rope: QKRope | None = None,
     *,
     kv: KVStore | None = None,
+    q_apart: bool = False,
     block_m: int | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor | QKV, torch.Tensor | None]:
     """The kernel launch behind :func:`norm_linear` (same arguments and results); with ``kv``
-    (and ``rope``) it also writes the k and v heads into the KV cache (:class:`KVStore`).  The
+    (and ``rope``) it also writes the k and v heads into the KV cache (:class:`KVStore`).  With
+    ``q_apart`` (and ``rope``) the q heads and the k+v heads come as two tensors (:class:`QKV`),
+    the q heads contiguous: what attention backends that want a contiguous query take without
+    a copy (SGLang's flashinfer decode copies a strided one, ~2.5 us a layer at 256 rows).  The
     keyword tile settings override the heuristic (benchmarks, tests; with ``rope`` a column
     block is half a head, whatever ``block_n`` says)."""
     if triton is None:  # pragma: no cover
@@ -415,18 +452,22 @@ def norm_linear_triton(
             raise ValueError("norm_linear: a KV store needs the q/k norm + RoPE epilogue (rope)")
         kv.check(_rows(x), rope, x.dtype)
         kv = kv._replace(slots=kv.slots.reshape(-1).contiguous())  # read after the PDL wait: a copy is safe
+    if q_apart and rope is None:
+        raise ValueError("norm_linear: q_apart splits the q heads of a q+k+v output (rope)")
     lead = x.shape[:-1]
     y = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
     s = None if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = QKV.of(y, rope.q_heads * rope.head_dim) if q_apart else y
     if y.numel() == 0:
-        return y, s
+        return out, s
     nw = norm_weight.to(x.dtype)
     copied = copied or nw is not norm_weight
     if weight.stride(-1) != 1:
         weight, copied = weight.contiguous(), True
     _launch(_as_rows(x), None if residual is None else _as_rows(residual), None if s is None else s.view(-1, K),
-            nw, weight, y.view(-1, N), eps, swiglu, rope, block_m, block_n, num_warps, pdl_ok=not copied, kv=kv)
-    return y, s
+            nw, weight, y.view(-1, N), eps, swiglu, rope, block_m, block_n, num_warps, pdl_ok=not copied, kv=kv,
+            q_apart=q_apart)
+    return out, s
 
 
 def qk_norm_rope_torch(qkv: torch.Tensor, rope: QKRope) -> torch.Tensor:
@@ -646,6 +687,13 @@ def kv_store_on() -> bool:
     return os.environ.get("CONVGPT_KV_STORE", "1") != "0"
 
 
+def q_apart_on() -> bool:
+    """Whether the q+k+v kernel that writes the KV cache (:class:`KVStore`) hands attention its q
+    heads as a tensor of their own (``q_apart``); ``CONVGPT_Q_APART=0`` keeps them columns of the
+    q+k+v output, to rule it out or measure it."""
+    return os.environ.get("CONVGPT_Q_APART", "1") != "0"
+
+
 def fused_decoder_layer(
     h: torch.Tensor,
     residual: torch.Tensor | None,
@@ -662,7 +710,8 @@ def fused_decoder_layer(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer with both norms in :func:`norm_linear`, for the adapters: ``h`` is the
     previous sublayer's output (the embeddings when ``residual`` is None), ``norm1``/``norm2``
-    are (weight, eps), ``attend(qkv, roped, stored)`` maps q/k/v to the heads' output, ``o_proj`` and
+    are (weight, eps), ``attend(qkv, roped, stored)`` maps q/k/v (a tensor or a :class:`QKV`:
+    :func:`split_qkv` takes both) to the heads' output, ``o_proj`` and
     ``down`` are the two linears back to the stream (the adapters pass
     :func:`convgpt_core.narrow_linear.narrow_linear` or the engine's row-parallel layer).
     With ``qk_rope`` the q/k norm and RoPE go into the q+k+v kernel's epilogue and ``attend``
@@ -671,7 +720,8 @@ def fused_decoder_layer(
     engine's own fused q/k-norm and RoPE kernels).  ``kv_store`` gives the layer's KV cache
     (:class:`KVStore`, None where the engine's cache layout does not allow it): eagerly, where the
     kernel runs with ``qk_rope``, it then writes k and v into the cache too and ``attend`` gets
-    ``stored=True`` (the engine must not write them again).  ``kv_cache`` does the same in
+    ``stored=True`` (the engine must not write them again), and the q heads come as a contiguous
+    tensor of their own (a :class:`QKV`; :func:`q_apart_on`).  ``kv_cache`` writes the cache in
     compiled graphs too, through the adapter's :class:`KVCaches` (the engine's own write where
     the kernel does not run).  Returns (MLP output, residual stream), what the engines' layers
     return."""
@@ -682,7 +732,7 @@ def fused_decoder_layer(
         kv = kv_store()
     stored = kv is not None or (roped and kv_cache)
     if kv is not None:
-        qkv, s = norm_linear_triton(h, residual, *norm1, qkv_weight, rope=qk_rope, kv=kv)
+        qkv, s = norm_linear_triton(h, residual, *norm1, qkv_weight, rope=qk_rope, kv=kv, q_apart=q_apart_on())
     else:
         qkv, s = norm_linear(h, residual, *norm1, qkv_weight, rope=qk_rope if roped else None, kv_cache=stored)
     residual = h if s is None else s

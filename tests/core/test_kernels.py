@@ -649,25 +649,27 @@ def _kv_slots(M: int, cache_rows: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["split", "side_by_side"])
-@pytest.mark.parametrize("M, K, hd, nq, nkv, short", [(1, 144, 32, 4, 2, 0), (7, 64, 16, 2, 2, 2),
-                                                      (33, 144, 24, 3, 1, 0)])
-def test_norm_linear_writes_k_and_v_into_the_kv_cache(interp, M, K, hd, nq, nkv, short, layout, dtype):
+@pytest.mark.parametrize("M, K, hd, nq, nkv, short, q_apart", [(1, 144, 32, 4, 2, 0, False), (7, 64, 16, 2, 2, 2, True),
+                                                               (33, 144, 24, 3, 1, 0, True)])
+def test_norm_linear_writes_k_and_v_into_the_kv_cache(interp, M, K, hd, nq, nkv, short, q_apart, layout, dtype):
     """With a KVStore the q+k+v kernel also writes each row's k heads (normalised and rotated)
     and v heads into the cache row its slot names: the model's k and v (float64 reference),
     bit for bit what the kernel returns for attention.  A padded row (slot -1), the rows past
-    the last slot (``short`` of them) and every other cache row are left as they were."""
-    _kv_check("cpu", dtype, M, K, hd, nq, nkv, layout, short)
+    the last slot (``short`` of them) and every other cache row are left as they were.  With
+    ``q_apart`` the q heads come as a contiguous tensor and the k and v heads as another."""
+    _kv_check("cpu", dtype, M, K, hd, nq, nkv, layout, short, q_apart)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["split", "side_by_side"])
+@pytest.mark.parametrize("q_apart", [False, True])
 @pytest.mark.parametrize("M", [1, 64, 256])
-def test_gpu_norm_linear_writes_k_and_v_into_the_kv_cache(gpu, M, layout, dtype):
+def test_gpu_norm_linear_writes_k_and_v_into_the_kv_cache(gpu, M, q_apart, layout, dtype):
     # the published q+k+v (16 q and 8 kv heads of 128 from D = 144), with PDL up to its row limit
-    _kv_check("cuda", dtype, M, 144, 128, 16, 8, layout, short=M // 8)
+    _kv_check("cuda", dtype, M, 144, 128, 16, 8, layout, short=M // 8, q_apart=q_apart)
 
 
-def _kv_check(device, dtype, M, K, hd, nq, nkv, layout="split", short=0):
+def _kv_check(device, dtype, M, K, hd, nq, nkv, layout="split", short=0, q_apart=False):
     x, r, nw, w = _nl_case(M, K, (nq + 2 * nkv) * hd, False)
     qw, kw, pos, _ = _rope_case(M, hd, nq, nkv)
     qkv, _ = _nl_reference(x, r, nw, 1e-6, w, False)
@@ -678,7 +680,12 @@ def _kv_check(device, dtype, M, K, hd, nq, nkv, layout="split", short=0):
     slots = _kv_slots(M, cache_rows)[:M - short].to(device)
     to = dict(device=device, dtype=dtype)
     y, _ = nl.norm_linear_triton(x.to(**to), r.to(**to), nw.to(**to), 1e-6, w.to(**to),
-                                 rope=_qk_rope(M, hd, nq, nkv, **to), kv=nl.KVStore(kc, vc, slots))
+                                 rope=_qk_rope(M, hd, nq, nkv, **to), kv=nl.KVStore(kc, vc, slots), q_apart=q_apart)
+    if q_apart:
+        assert isinstance(y, nl.QKV) and y.q.is_contiguous() and y.q.shape == (M, nq * hd)
+        q, k, v = nl.split_qkv(y, nq * hd, nkv * hd)
+        assert k.shape == v.shape == (M, nkv * hd)
+        y = torch.cat((q, k, v), dim=-1)
     heads = y.reshape(M, -1, hd)
     torch.testing.assert_close(heads.double().cpu(), want, rtol=NL_TOL[dtype], atol=NL_TOL[dtype])
     live = slots >= 0
@@ -718,7 +725,8 @@ def test_norm_linear_kv_store_rejects_what_does_not_fit(interp):
 def test_fused_decoder_layer_hands_the_kv_cache_to_the_kernel_where_it_runs(interp, monkeypatch):
     """The adapters' layer asks for the KV store only where its q+k+v kernel runs with the q/k
     norm and RoPE (eagerly, up to MAX_ROWS rows): there the kernel writes k and v and attention
-    is told so (``stored``); a larger step leaves the cache to attention and never asks."""
+    is told so (``stored``), and gets the q heads as a tensor of their own (unless
+    ``CONVGPT_Q_APART=0``); a larger step leaves the cache to attention and never asks."""
     layer = _Layer(nl.MAX_ROWS + 1, (16, 2, 1), 32, 48, device="cpu", dtype=torch.float32)
     kc, vc = _kv_cache(2 * nl.MAX_ROWS + 8, 1, 16, torch.float32)
     asked, told = [], []
@@ -733,7 +741,13 @@ def test_fused_decoder_layer_hands_the_kv_cache_to_the_kernel_where_it_runs(inte
             live = slots >= 0
             torch.testing.assert_close(kc[slots[live]].double(), want[live, 2:3], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(vc[slots[live]].double(), want[live, 3:], rtol=1e-4, atol=1e-4)
-    assert asked == [3] and told == [(3, True), (nl.MAX_ROWS + 1, False)]
+    assert asked == [3] and told == [(3, True, True), (nl.MAX_ROWS + 1, False)]
+    monkeypatch.setenv("CONVGPT_Q_APART", "0")
+    told.clear()
+    layer.store = lambda: nl.KVStore(kc, vc, _kv_slots(3, kc.shape[0]))
+    layer.assert_matches(3, *layer(*layer.inputs(3)), 1e-4)
+    assert told == [(3, True)]
+    monkeypatch.delenv("CONVGPT_Q_APART")
     monkeypatch.setenv("CONVGPT_KV_STORE", "0")
     assert not nl.kv_store_on()
     monkeypatch.delenv("CONVGPT_KV_STORE")
@@ -1006,15 +1020,19 @@ class _Layer:
         self.rope = _qk_rope(rows, self.hd, self.nq, self.nkv, **to)
         self.heads, self.to = heads, to
         self.p = [t.to(**to) for t in (self.nw1, self.wqkv, self.wo, self.nw2, self.wgu, self.wd)]
-        self.store, self.attend_seen = None, None  # the KV store to hand over; (rows, stored) per attention
+        self.store, self.attend_seen = None, None  # the KV store to hand over; (rows, stored[, q apart]) per attention
         self.kv_cache = False  # the q+k+v op writes the KV cache through the registered nl.KVCaches
 
     def __call__(self, h, res, pos):
         p, rope = self.p, self.rope._replace(positions=pos)
 
         def attend(qkv, roped, stored):  # an engine's own q/k norm + RoPE where the kernel left them out
+            apart = isinstance(qkv, nl.QKV)  # the q heads as a contiguous tensor of their own
+            if apart:
+                assert qkv.q.is_contiguous()
+                qkv = torch.cat(nl.split_qkv(qkv, self.nq * self.hd, self.nkv * self.hd), dim=-1)
             if self.attend_seen is not None:
-                self.attend_seen.append((qkv.shape[0], stored))
+                self.attend_seen.append((qkv.shape[0], stored) + ((apart,) if apart else ()))
             return (qkv if roped else nl.qk_norm_rope_torch(qkv, rope))[..., :self.heads]
 
         return nl.fused_decoder_layer(h, res, (p[0], 1e-6), p[1], attend,

@@ -56,6 +56,7 @@ from convgpt_core.norm_linear import (
     kv_store_on,
     norm_linear_available,
     qk_rope_of,
+    split_qkv,
 )
 
 logger = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ class ConvGPTAttention(nn.Module):
         """Attention over q/k/v; ``roped``: the q/k norm and RoPE are in ``qkv`` already
         (:meth:`qk_rope`, in the q+k+v kernel); ``stored``: that kernel also wrote k and v into
         the KV cache (:meth:`kv_store`), so attention does not write them again."""
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = split_qkv(qkv, self.q_size, self.kv_size)
         if not roped:
             # SGLang's Qwen3 path: one fused in-place q/k RMSNorm kernel on CUDA (per-head norm
             # otherwise); the generic RMSNorm over 128-wide rows was a third of prefill time.

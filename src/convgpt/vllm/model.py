@@ -76,6 +76,7 @@ from convgpt_core.norm_linear import (
     qk_norm_rope_torch,
     qk_rope_of,
     silu_mul_torch,
+    split_qkv,
     use_kv_caches,
 )
 
@@ -228,9 +229,9 @@ class ConvGPTAttention(nn.Module):
                stored: bool = False) -> torch.Tensor:
         """Attention over q/k/v; ``roped``: the q/k norm and RoPE are in ``qkv`` already
         (:meth:`qk_rope`, in the q+k+v kernel); ``stored``: k and v are in the KV cache already."""
+        q, k, v = split_qkv(qkv, self.q_size, self.kv_size)
         if stored:
-            return self.attn(qkv[..., : self.q_size], None, None)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            return self.attn(q, None, None)
         if not roped:
             # q/k norm per head, written as vLLM's Qwen3 writes it: the graph vLLM's optional
             # q/k-norm + RoPE fusion pass (pass_config.enable_qk_norm_rope_fusion) looks for
