@@ -423,7 +423,7 @@ def norm_linear_triton(
     (and ``rope``) it also writes the k and v heads into the KV cache (:class:`KVStore`).  With
     ``q_apart`` (and ``rope``) the q heads and the k+v heads come as two tensors (:class:`QKV`),
     the q heads contiguous: what attention backends that want a contiguous query take without
-    a copy (SGLang's flashinfer decode copies a strided one, ~2.5 us a layer at 256 rows).  The
+    a copy (SGLang's flashinfer decode copies a strided one, ~2.7 us a layer at 256 rows).  The
     keyword tile settings override the heuristic (benchmarks, tests; with ``rope`` a column
     block is half a head, whatever ``block_n`` says)."""
     if triton is None:  # pragma: no cover
