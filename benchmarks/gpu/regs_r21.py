@@ -38,7 +38,7 @@ def kernel():
 def ptxas_report(fn, rope: bool, table: str, late: bool, bm: int, warps: int) -> str:
     names = list(inspect.signature(fn.fn).parameters)
     const = dict(K=144, K_A=128, K_B=16, HAS_RES=True, SWIGLU=not rope, ROPE=rope, HALF=64 if rope else 0,
-                 Q_HEADS=16 if rope else 0, NORM_HEADS=24 if rope else 0, KV=rope, LATE_CS=late,
+                 Q_HEADS=16 if rope else 0, NORM_HEADS=24 if rope else 0, KV=rope, LATE_CS=late, Q_APART=False,
                  BLOCK_M=bm, BLOCK_N=64, PRECISION="tf32", UPCAST=False, PDL=False)
     ints = {"M", "N", "n_slots"} | {n for n in names if n.startswith("stride_")}
     sig = {n: "constexpr" if n in const else "i32" if n in ints else "fp32" if n in ("eps", "qk_eps")

@@ -20,8 +20,10 @@ NL_TYPES = dict(x_ptr="*bf16", r_ptr="*bf16", s_ptr="*bf16", nw_ptr="*bf16", w_p
                 stride_y="i32", stride_cs="i32", stride_c="i32", stride_ch="i32", n_slots="i32", eps="fp32",
                 qk_eps="fp32")
 NL_ROPE = dict(K=144, K_A=128, K_B=16, HAS_RES=True, SWIGLU=False, ROPE=True, HALF=64, Q_HEADS=16,
-               NORM_HEADS=24, KV=False, BLOCK_M=16, BLOCK_N=64, PRECISION="tf32", UPCAST=False)
+               NORM_HEADS=24, KV=False, LATE_CS=False, Q_APART=False, BLOCK_M=16, BLOCK_N=64, PRECISION="tf32",
+               UPCAST=False)
 NL_ROPE_KV = dict(NL_ROPE, KV=True)
+NL_ROPE_KV_APART = dict(NL_ROPE_KV, Q_APART=True)  # SGLang's decode: the q heads in a tensor of their own
 NL_SWIGLU = dict(NL_ROPE, SWIGLU=True, ROPE=False, HALF=0, Q_HEADS=0, NORM_HEADS=0, BLOCK_N=32)
 NAR_TYPES = dict(x_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32", count_ptr="*i32", M="i32",
                  N="i32", K="i32", stride_x="i32", stride_w="i32", stride_y="i32")
@@ -42,6 +44,7 @@ def ptx(src, types: dict, constexprs: dict, pdl: bool) -> list[str]:
 if __name__ == "__main__":
     kernels = {"norm_linear_rope": (nl._norm_linear_src, NL_TYPES, NL_ROPE),
                "norm_linear_rope_kv": (nl._norm_linear_src, NL_TYPES, NL_ROPE_KV),
+               "norm_linear_rope_kv_apart": (nl._norm_linear_src, NL_TYPES, NL_ROPE_KV_APART),
                "norm_linear_swiglu": (nl._norm_linear_src, NL_TYPES, NL_SWIGLU),
                "narrow_linear": (nar._narrow_linear_src, NAR_TYPES, NAR)}
     out = {}

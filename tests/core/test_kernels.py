@@ -1269,7 +1269,8 @@ def sm90_ptx():
     return json.loads(done.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("which", ["norm_linear_rope", "norm_linear_rope_kv", "norm_linear_swiglu", "narrow_linear"])
+@pytest.mark.parametrize("which", ["norm_linear_rope", "norm_linear_rope_kv", "norm_linear_rope_kv_apart",
+                                   "norm_linear_swiglu", "narrow_linear"])
 def test_pdl_kernels_wait_before_they_write(sm90_ptx, which):
     """Compiled for sm_90 with PDL, each decode kernel waits once for the kernels before it
     (``griddepcontrol.wait``) and lets the next one start; before that wait it stores nothing
