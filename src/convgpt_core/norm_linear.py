@@ -161,6 +161,20 @@ def split_qkv(qkv: torch.Tensor | QKV, q_size: int, kv_size: int) -> tuple[torch
     return qkv.split([q_size, kv_size, kv_size], dim=-1)
 
 
+def linear_q_apart(x: torch.Tensor, weight: torch.Tensor, q_width: int) -> QKV:
+    """``x @ weight.T`` for a q+k+v weight (its first ``q_width`` rows the q heads'), as a
+    :class:`QKV`: two GEMMs, one writing the q heads into a contiguous tensor and one the k and
+    v heads after it, in one buffer.  For attention that wants q contiguous (SGLang's flashinfer
+    backend copies a strided q first, in prefill and decode alike), at row counts where that copy
+    costs more than a second GEMM (:func:`q_apart_linear_on`)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or not 0 < q_width < weight.shape[0]:
+        raise ValueError(f"q apart: input {tuple(x.shape)}, weight {tuple(weight.shape)}, {q_width} q columns")
+    out = QKV.of(x.new_empty(x.shape[0], weight.shape[0]), q_width)
+    torch.mm(x, weight[:q_width].t(), out=out.q)
+    torch.mm(x, weight[q_width:].t(), out=out.kv)
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # The kernel
 
@@ -692,6 +706,17 @@ def q_apart_on() -> bool:
     heads as a tensor of their own (``q_apart``); ``CONVGPT_Q_APART=0`` keeps them columns of the
     q+k+v output, to rule it out or measure it."""
     return os.environ.get("CONVGPT_Q_APART", "1") != "0"
+
+
+# From this many rows on (prefill chunks, large decode steps on the engines' own layers) the
+# q+k+v GEMM writes q apart (:func:`linear_q_apart`); below, one GEMM and attention's copy.
+Q_APART_MIN_ROWS = 1024
+
+
+def q_apart_linear_on(rows: int) -> bool:
+    """Whether a q+k+v GEMM over ``rows`` rows writes the q heads apart (:func:`linear_q_apart`):
+    from :data:`Q_APART_MIN_ROWS` rows on, unless ``CONVGPT_Q_APART=0``."""
+    return rows >= Q_APART_MIN_ROWS and q_apart_on()
 
 
 def fused_decoder_layer(

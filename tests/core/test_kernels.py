@@ -754,6 +754,32 @@ def test_fused_decoder_layer_hands_the_kv_cache_to_the_kernel_where_it_runs(inte
     assert nl.kv_store_on()
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"], ids=["cpu", "gpu"])
+def test_linear_q_apart_writes_q_heads_as_a_tensor_of_their_own(device, monkeypatch):
+    """SGLang's large steps: the q+k+v GEMM as two, the q heads into a contiguous tensor and the
+    k and v heads after it (what attention takes without copying q), equal to x @ W.T computed in
+    float64; from Q_APART_MIN_ROWS rows on, unless CONVGPT_Q_APART=0."""
+    if device == "cuda" and not _CUDA:
+        pytest.skip("no CUDA device")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    M, K, q_width, kv = 37, 144, 256, 128
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(M, K, generator=gen, dtype=torch.float64), torch.randn(q_width + 2 * kv, K, generator=gen, dtype=torch.float64)
+    out = nl.linear_q_apart(x.to(device, dtype), w.to(device, dtype), q_width)
+    assert isinstance(out, nl.QKV) and out.q.is_contiguous() and out.kv.is_contiguous()
+    assert out.q.data_ptr() + M * q_width * out.q.element_size() == out.kv.data_ptr()  # one buffer, q first
+    q, k, v = nl.split_qkv(out, q_width, kv)
+    want = x @ w.T
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.25)
+    for got, cols in ((q, slice(0, q_width)), (k, slice(q_width, q_width + kv)), (v, slice(q_width + kv, None))):
+        torch.testing.assert_close(got.double().cpu(), want[:, cols], **tol)
+    with pytest.raises(ValueError, match="q apart"):
+        nl.linear_q_apart(x.to(device, dtype), w.to(device, dtype), q_width + 2 * kv)
+    assert nl.q_apart_linear_on(nl.Q_APART_MIN_ROWS) and not nl.q_apart_linear_on(nl.Q_APART_MIN_ROWS - 1)
+    monkeypatch.setenv("CONVGPT_Q_APART", "0")
+    assert not nl.q_apart_linear_on(nl.Q_APART_MIN_ROWS)
+
+
 class _Caches:
     """An engine's KV caches as the q+k+v op reaches them (``nl.KVCaches``): one layer's cache
     (vLLM's FlashAttention layout), named by the layer's q+k+v weight.  ``kernel``: it hands the

@@ -6,7 +6,8 @@ process it starts and in any engine process that one starts (SGLang's scheduler)
 or ``norm_linear_torch`` (norm_linear's unfused path for large batches) appends that name
 (with ``+rope`` when the q/k norm and RoPE ride along, ``+kv`` when it also writes the KV
 cache) and its rows to the file, and so does each q+k+v step that writes the KV cache through
-the adapter's caches (``_norm_linear_kv``, vLLM): the test then knows the engine went through
+the adapter's caches (``_norm_linear_kv``, vLLM), and each q+k+v GEMM that writes the q heads
+apart (``linear_q_apart``, SGLang's large steps): the test then knows the engine went through
 the kernels and not around them.  The functions themselves are untouched.
 """
 
@@ -31,4 +32,5 @@ if _LOG:
     _recorded(norm_linear, "norm_linear_triton")
     _recorded(norm_linear, "norm_linear_torch")
     _recorded(norm_linear, "_norm_linear_kv")
+    _recorded(norm_linear, "linear_q_apart")
     _recorded(narrow_linear, "narrow_linear_triton")

@@ -54,7 +54,9 @@ from convgpt_core.norm_linear import (
     QKRope,
     fused_decoder_layer,
     kv_store_on,
+    linear_q_apart,
     norm_linear_available,
+    q_apart_linear_on,
     qk_rope_of,
     split_qkv,
 )
@@ -210,7 +212,10 @@ class ConvGPTAttention(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, h: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(h)
+        if _plain(self.qkv_proj) and q_apart_linear_on(h.shape[0]):
+            qkv = linear_q_apart(h, self.qkv_proj.weight, self.q_size)  # no copy of q in attention
+        else:
+            qkv, _ = self.qkv_proj(h)
         out, _ = self.o_proj(self.attend(positions, qkv, forward_batch))
         return out
 
