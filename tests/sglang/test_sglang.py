@@ -317,3 +317,36 @@ def test_kv_store_writes_where_sglangs_own_cache_write_does():
     assert plain_kv_store(pool(torch.float8_e4m3fn), batch, 1, 2, 8, h) is None
     ours.layer_transfer_counter = object()  # hierarchical cache: layers arrive one by one
     assert plain_kv_store(ours, batch, 1, 2, 8, h) is None
+
+
+def test_logits_are_widened_to_float32_where_sglang_has_no_kernel(monkeypatch):
+    """The head's bf16 logits (rows padded past the vocabulary) become the float32 logits SGLang
+    samples from: through ``logits_to_float32`` (here in Triton's interpreter) into the decode
+    graphs' buffer where its shape fits, else a new tensor, equal to the exact conversion of the
+    first vocab_size columns; without the kernel (float32 logits, no interpreter) SGLang's own."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from convgpt.sglang import model
+
+    processor = model.ConvGPTLogitsProcessor.__new__(model.ConvGPTLogitsProcessor)
+    nn.Module.__init__(processor)  # only what the copy reads: SGLang's __init__ wants a running server
+    processor.vocab_size = 300
+    logits = (torch.randn(3, 320) * 30).bfloat16()
+    want = logits[:, :300].float()
+    cast, calls = model.logits_to_float32, []
+    monkeypatch.setattr(model, "logits_to_float32", lambda *a: calls.append(a) or cast(*a))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    buffer = torch.full((3, 300), float("nan"))
+    out = processor._copy_logits_to_buffer(logits, SimpleNamespace(next_token_logits_buffer=buffer))
+    assert out is buffer and torch.equal(out, want)
+    for meta, use in ((SimpleNamespace(next_token_logits_buffer=buffer), False),
+                      (SimpleNamespace(next_token_logits_buffer=torch.empty(4, 300)), True)):
+        out = processor._copy_logits_to_buffer(logits, meta, use)
+        assert out is not buffer and out.dtype == torch.float32 and torch.equal(out, want)
+    assert len(calls) == 3
+    monkeypatch.delenv("TRITON_INTERPRET")
+    buffer = torch.full((3, 300), float("nan"))
+    out = processor._copy_logits_to_buffer(logits, SimpleNamespace(next_token_logits_buffer=buffer))
+    assert out is buffer and torch.equal(out, want) and len(calls) == 3  # SGLang's copy_ on the CPU

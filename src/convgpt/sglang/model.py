@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import torch
 from sglang.srt.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_world_size
 from sglang.srt.environ import envs
+from sglang.srt.layers import logits_processor as sglang_logits
 from sglang.srt.layers.activation import SiluAndMul
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.linear import (
@@ -47,6 +48,7 @@ from convgpt_core.checkpoint import check_served_checkpoint, load_published
 from convgpt_core.compressor import CausalConvPool, ScaleNorm, after_loading
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
 from convgpt_core.kernels import compress, warm_up
+from convgpt_core.logits import float_cast_takes, logits_to_float32
 from convgpt_core.lora import fused_linear_dims
 from convgpt_core.narrow_linear import to_stream
 from convgpt_core.norm_linear import (
@@ -62,6 +64,8 @@ from convgpt_core.norm_linear import (
 )
 
 logger = logging.getLogger(__name__)
+# 0.5.23 widens bf16/fp16 logits to float32 with a kernel of its own on CUDA; 0.5.16 with torch's copy
+SGLANG_CASTS_LOGITS = hasattr(sglang_logits, "cast_to_float32_logits")
 PAGED_PREFILL = "SGLANG_FLASHINFER_USE_PAGED"  # read by both versions' flashinfer backend at its start
 
 
@@ -369,7 +373,13 @@ class ConvGPTLogitsProcessor(LogitsProcessor):
     """SGLang's logits processor, with ConvGPT's head applied to the rows it keeps: a prefill
     without input logprobs keeps one row per request, so the tied head widens only those.
     ``_get_logits(hidden_states, lm_head, metadata, ...)`` is where every path (sampled rows,
-    input-logprob chunks, scoring) turns rows into logits, in 0.5.16 and 0.5.23 alike."""
+    input-logprob chunks, scoring) turns rows into logits, in 0.5.16 and 0.5.23 alike.
+
+    The logits are widened to float32 by :func:`convgpt_core.logits.logits_to_float32` where
+    SGLang has no kernel for it (0.5.16: torch's strided copy, 2.5x slower; Triton's interpreter
+    on CPU), in ``_copy_logits_to_buffer(logits, metadata, use_buffer=True)`` (both versions;
+    0.5.23 adds ``softcap``, left to SGLang when set): into the decode graphs' float32 buffer
+    where its shape fits, as SGLang would, else into a new tensor."""
 
     def __init__(self, config: ConvGPTConfig, head) -> None:
         super().__init__(config)
@@ -377,6 +387,15 @@ class ConvGPTLogitsProcessor(LogitsProcessor):
 
     def _get_logits(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return super()._get_logits(self.head(hidden_states), *args, **kwargs)
+
+    def _copy_logits_to_buffer(self, logits: torch.Tensor, logits_metadata, use_buffer: bool = True,
+                               **kwargs) -> torch.Tensor:
+        kept = logits[:, : self.vocab_size]
+        if (kwargs.get("softcap") is None and not (SGLANG_CASTS_LOGITS and logits.is_cuda)
+                and float_cast_takes(kept)):
+            buffer = logits_metadata.next_token_logits_buffer if use_buffer else None
+            return logits_to_float32(kept, buffer if buffer is not None and buffer.shape == kept.shape else None)
+        return super()._copy_logits_to_buffer(logits, logits_metadata, use_buffer, **kwargs)
 
 
 class ConvGPTForCausalLM(nn.Module):
