@@ -715,8 +715,10 @@ Q_APART_MIN_ROWS = 1024
 
 def q_apart_linear_on(rows: int) -> bool:
     """Whether a q+k+v GEMM over ``rows`` rows writes the q heads apart (:func:`linear_q_apart`):
-    from :data:`Q_APART_MIN_ROWS` rows on, unless ``CONVGPT_Q_APART=0``."""
-    return rows >= Q_APART_MIN_ROWS and q_apart_on()
+    eagerly from :data:`Q_APART_MIN_ROWS` rows on, unless ``CONVGPT_Q_APART=0``; a compiled
+    graph (e.g. SGLang's piecewise CUDA graphs for prompts) keeps the engine's one GEMM, whose
+    output views the compiler handles as its own."""
+    return rows >= Q_APART_MIN_ROWS and q_apart_on() and not torch.compiler.is_compiling()
 
 
 def fused_decoder_layer(

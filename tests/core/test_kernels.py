@@ -758,7 +758,7 @@ def test_fused_decoder_layer_hands_the_kv_cache_to_the_kernel_where_it_runs(inte
 def test_linear_q_apart_writes_q_heads_as_a_tensor_of_their_own(device, monkeypatch):
     """SGLang's large steps: the q+k+v GEMM as two, the q heads into a contiguous tensor and the
     k and v heads after it (what attention takes without copying q), equal to x @ W.T computed in
-    float64; from Q_APART_MIN_ROWS rows on, unless CONVGPT_Q_APART=0."""
+    float64; from Q_APART_MIN_ROWS rows on, eagerly, unless CONVGPT_Q_APART=0."""
     if device == "cuda" and not _CUDA:
         pytest.skip("no CUDA device")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -776,6 +776,9 @@ def test_linear_q_apart_writes_q_heads_as_a_tensor_of_their_own(device, monkeypa
     with pytest.raises(ValueError, match="q apart"):
         nl.linear_q_apart(x.to(device, dtype), w.to(device, dtype), q_width + 2 * kv)
     assert nl.q_apart_linear_on(nl.Q_APART_MIN_ROWS) and not nl.q_apart_linear_on(nl.Q_APART_MIN_ROWS - 1)
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not nl.q_apart_linear_on(nl.Q_APART_MIN_ROWS)
     monkeypatch.setenv("CONVGPT_Q_APART", "0")
     assert not nl.q_apart_linear_on(nl.Q_APART_MIN_ROWS)
 
