@@ -53,7 +53,9 @@ CLASSES = [  # (class, pattern), first match wins
     ("activation", re.compile(r"silu|act_and_mul|gelu", re.IGNORECASE)),
     ("kv-cache write", re.compile(r"reshape_and_cache|store_kv|set_kv|kv_cache|cache_kernel", re.IGNORECASE)),
     ("sampling/logits", re.compile(r"softmax|argmax|topk|sampl|log_softmax", re.IGNORECASE)),
-    ("copy/elementwise", re.compile(r"elementwise|copy|cat|fill|memcpy|memset|vectorized|reduce", re.IGNORECASE)),
+    # (to_float32: convgpt_core.logits's cast of the logits, where the engine's is a copy kernel)
+    ("copy/elementwise", re.compile(r"elementwise|copy|cat|fill|memcpy|memset|vectorized|reduce|to_float32",
+                                    re.IGNORECASE)),
 ]
 # the classes whose work the fused kernel does: compared with the twin's as one sum
 FUSED_PARTS = (FUSED_NORM_GEMM, "gemm", "norm", "activation")

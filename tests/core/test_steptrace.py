@@ -83,12 +83,14 @@ def test_prefill_host_time_is_ranked_by_event(tmp_path):
 
 def test_fused_norm_linear_kernels_have_their_own_class():
     # the Triton kernels of convgpt_core.norm_linear are named after their source functions
-    from convgpt_core import narrow_linear, norm_linear
+    from convgpt_core import logits, narrow_linear, norm_linear
 
     assert steptrace.op_class(norm_linear._norm_linear_src.__name__) == steptrace.FUSED_NORM_GEMM
     assert steptrace.op_class(norm_linear._silu_mul_src.__name__) == "activation"
     assert steptrace.op_class(narrow_linear._narrow_linear_src.__name__) == "gemm"  # o_proj, down
     assert steptrace.op_class("triton_per_fused_add_rms_norm_0") == "norm"
+    # the logits' float32 cast, where the engine's own is a copy kernel
+    assert steptrace.op_class(logits._to_float32_src.__name__) == "copy/elementwise"
     assert steptrace.FUSED_NORM_GEMM in steptrace.FUSED_PARTS and "gemm" in steptrace.FUSED_PARTS
 
 
