@@ -323,7 +323,8 @@ def test_logits_are_widened_to_float32_where_sglang_has_no_kernel(monkeypatch):
     """The head's bf16 logits (rows padded past the vocabulary) become the float32 logits SGLang
     samples from: through ``logits_to_float32`` (here in Triton's interpreter) into the decode
     graphs' buffer where its shape fits, else a new tensor, equal to the exact conversion of the
-    first vocab_size columns; without the kernel (float32 logits, no interpreter) SGLang's own."""
+    first vocab_size columns; where the kernel does not run (the CPU without the interpreter)
+    SGLang's own copy."""
     from types import SimpleNamespace
 
     from torch import nn
