@@ -6,21 +6,20 @@ decode kernel takes ~8 us a layer on an H200 for 192 keys at batch 1 (0.1 MB), a
 graphs it splits the keys and runs a second kernel to merge the splits (rounds 21, 24, 25).
 
 :func:`decode_attention` is one kernel.  Program (request, kv head, split) takes the request's
-slots from the engine's request-to-token table, gathers that split's keys and values from the
-cache, and runs an online softmax for the kv head's query heads (the GQA group, padded to the
-16 rows of a tensor-core dot).  With several splits each program writes its fp32 partial (max,
-sum, weighted values) to a workspace; the (request, kv head)'s last program to finish (an
+slots from the engine's request-to-token table, gathers its split's keys and values from the
+cache (the next block's while it multiplies this one), and runs an online softmax for the kv
+head's query heads (the GQA group, padded to the 16 rows of a tensor-core dot).  A request's keys
+are cut into one split per block of :data:`BLOCK_T` keys, up to the most the batch allows
+(:func:`splits_for`); the cut is made in the kernel from the request's length, so a CUDA graph
+captured for a batch size replays it for any lengths.  Each split writes its fp32 partial (max,
+sum, weighted values) to a workspace, and the (request, kv head)'s last program to finish (an
 atomic counter, as in :mod:`convgpt_core.narrow_linear`) merges them in split order, so the
 result does not depend on which program came last, writes the output and resets the counter.
-The split count depends on the batch only (programs to fill the GPU), and each split's share of
-the keys is computed from the request's length in the kernel, so a CUDA graph captured for a
-batch size replays it for any lengths.
 
 The cache layout is SGLang's plain one (``MHATokenToKVPool``): ``k_cache`` and ``v_cache`` are
 ``[rows, kv_heads, head_dim]``, row ``table[req, t]`` holding key/value ``t`` of request ``req``.
 A sliding ``window`` (keys per query, the query's own included) starts each request's keys at
-``len - window``.  Past :data:`MAX_ROWS` requests the engine's kernel is used: there the KV read,
-not latency, sets the time, and FlashInfer reads it at the memory's speed.
+``len - window``.  Only steps of :data:`MAX_ROWS` requests take the kernel (see there).
 """
 
 from __future__ import annotations
