@@ -11,6 +11,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from convgpt_core import decode_attention as da
 from convgpt_core import narrow_linear as nar
 from convgpt_core import norm_linear as nl
 
@@ -28,6 +29,12 @@ NL_SWIGLU = dict(NL_ROPE, SWIGLU=True, ROPE=False, HALF=0, Q_HEADS=0, NORM_HEADS
 NAR_TYPES = dict(x_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32", count_ptr="*i32", M="i32",
                  N="i32", K="i32", stride_x="i32", stride_w="i32", stride_y="i32")
 NAR = dict(K_PER_SPLIT=256, SPLIT=8, BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, PRECISION="tf32", UPCAST=False)
+DA_TYPES = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", table_ptr="*i32", req_ptr="*i64",
+                lens_ptr="*i64", part_ptr="*fp32", count_ptr="*i32", scale="fp32", window="i32",
+                **{n: "i32" for n in ("stride_qm", "stride_qh", "stride_kr", "stride_kh", "stride_vr", "stride_vh",
+                                      "stride_om", "stride_oh", "stride_table")})
+DA = dict(GROUP=2, GROUP_P2=2, GROUP_PAD=16, HEAD_DIM=128, BLOCK_T=64, SPLITS=32, UPCAST=False,
+          PRECISION="tf32")  # the published attention (16 q / 8 kv heads of 128), one request
 
 
 def ptx(src, types: dict, constexprs: dict, pdl: bool) -> list[str]:
@@ -46,7 +53,8 @@ if __name__ == "__main__":
                "norm_linear_rope_kv": (nl._norm_linear_src, NL_TYPES, NL_ROPE_KV),
                "norm_linear_rope_kv_apart": (nl._norm_linear_src, NL_TYPES, NL_ROPE_KV_APART),
                "norm_linear_swiglu": (nl._norm_linear_src, NL_TYPES, NL_SWIGLU),
-               "narrow_linear": (nar._narrow_linear_src, NAR_TYPES, NAR)}
+               "narrow_linear": (nar._narrow_linear_src, NAR_TYPES, NAR),
+               "decode_attention": (da._decode_attention_src, DA_TYPES, DA)}
     out = {}
     for name, (src, types, consts) in kernels.items():
         out[name] = ptx(src, types, consts, True)

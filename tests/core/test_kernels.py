@@ -1315,6 +1315,20 @@ def test_pdl_kernels_wait_before_they_write(sm90_ptx, which):
     assert not [line for line in sm90_ptx[which + "_plain"] if line.startswith("griddepcontrol")]
 
 
+def test_pdl_decode_attention_waits_before_it_touches_memory(sm90_ptx):
+    """The decode attention kernel reads the keys and queries the q+k+v kernel before it has just
+    written: compiled for sm_90 with PDL it waits once (``griddepcontrol.wait``) before any
+    global load, store or atomic, and lets the next kernel start; without PDL neither
+    instruction is there."""
+    ptx = sm90_ptx["decode_attention"]
+    waits = [i for i, line in enumerate(ptx) if line.startswith("griddepcontrol.wait")]
+    assert len(waits) == 1
+    assert sum(line.startswith("griddepcontrol.launch_dependents") for line in ptx) == 1
+    assert not [line for line in ptx[:waits[0]] if line.startswith(("ld.global", "st.global", "atom.", "red."))]
+    assert any(line.startswith("atom.") for line in ptx[waits[0]:])  # the splits' counter
+    assert not [line for line in sm90_ptx["decode_attention_plain"] if line.startswith("griddepcontrol")]
+
+
 def test_fused_mlp_prototype_computes_the_sublayer(interp):
     """``benchmarks/bench_fused_mlp.py``: the MLP sublayer as one kernel (gate/up, SwiGLU and down
     with an ordered sum over intermediate slices), measured in round 17 at 2.3-2.9x the shipped
