@@ -71,7 +71,7 @@ def _decode_attention_src(
         gdc_launch_dependents()
     length = tl.load(lens_ptr + b).to(tl.int32)
     lo = tl.where(window > 0, tl.maximum(length - window, 0), 0)
-    blocks = tl.cdiv(length - lo, BLOCK_T)
+    blocks = tl.maximum(tl.cdiv(length - lo, BLOCK_T), 1)  # a row without keys (none in decode) divides by 1
     active = tl.minimum(blocks, SPLITS)
     per = tl.cdiv(blocks, active) * BLOCK_T
     start = lo + s * per

@@ -1316,7 +1316,7 @@ def test_pdl_kernels_wait_before_they_write(sm90_ptx, which):
 
 
 def test_pdl_decode_attention_waits_before_it_touches_memory(sm90_ptx):
-    """The decode attention kernel reads the keys and queries the q+k+v kernel before it has just
+    """The decode attention kernel reads keys and queries that the q+k+v kernel before it has just
     written: compiled for sm_90 with PDL it waits once (``griddepcontrol.wait``) before any
     global load, store or atomic, and lets the next kernel start; without PDL neither
     instruction is there."""
