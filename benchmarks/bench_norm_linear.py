@@ -247,9 +247,8 @@ def chain_step(layers, cos_sin, h, res, pos):
     for p in layers:
         rope = nl.QKRope(p["qw"], p["kw"], 1e-6, cos_sin, pos, Q_HEADS, KV_HEADS)
         h, res = nl.fused_decoder_layer(
-            h, res, (p["nw1"], 1e-6), p["wqkv"],
-            lambda qkv, roped, stored, w=p["wo"]: nar.narrow_linear(stand_in_attention(qkv), w), (p["nw2"], 1e-6),
-            p["wgu"],
+            h, res, (p["nw1"], 1e-6), p["wqkv"], lambda qkv, roped, stored: stand_in_attention(qkv),
+            lambda x, w=p["wo"]: nar.narrow_linear(x, w), (p["nw2"], 1e-6), p["wgu"],
             lambda x, w=p["wd"]: nar.narrow_linear(x, w), rope)
     return h, res
 

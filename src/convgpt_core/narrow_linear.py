@@ -226,22 +226,13 @@ def narrow_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _kernel_or_cublas(x, weight)
 
 
-def stream_weight(linear: torch.nn.Module, plain: bool) -> torch.Tensor | None:
-    """The weight of o_proj or down that the adapters' fused path multiplies by in a kernel of
-    ours: where the engine's linear is ``plain`` (unquantized, not wrapped for LoRA: the adapter's
-    check against its engine's classes) and holds the whole 2-D weight (one tensor-parallel rank).
-    None: the engine's row-parallel layer runs, which also all-reduces."""
+def to_stream(linear: torch.nn.Module, plain: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """o_proj or down on the adapters' fused path: :func:`narrow_linear` when the engine's
+    linear is ``plain`` (unquantized, not wrapped for LoRA: the adapter's check against its
+    engine's classes) and holds the whole 2-D weight (one tensor-parallel rank), otherwise the
+    engine's row-parallel layer itself, which also all-reduces (both engines' linears return
+    ``(output, bias)``)."""
     weight = getattr(linear, "weight", None)
     if plain and weight is not None and weight.dim() == 2 and weight.shape[1] == getattr(linear, "input_size", -1):
-        return weight
-    return None
-
-
-def to_stream(linear: torch.nn.Module, plain: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """o_proj or down on the adapters' fused path: :func:`narrow_linear` where
-    :func:`stream_weight` gives the weight, otherwise the engine's row-parallel layer itself (both
-    engines' linears return ``(output, bias)``)."""
-    weight = stream_weight(linear, plain)
-    if weight is not None:
         return lambda x: narrow_linear(x, weight)
     return lambda x: linear(x)[0]

@@ -726,7 +726,8 @@ def fused_decoder_layer(
     residual: torch.Tensor | None,
     norm1: tuple[torch.Tensor, float],
     qkv_weight: torch.Tensor,
-    attention: Callable[[torch.Tensor, bool, bool], torch.Tensor],
+    attend: Callable[[torch.Tensor, bool, bool], torch.Tensor],
+    o_proj: Callable[[torch.Tensor], torch.Tensor],
     norm2: tuple[torch.Tensor, float],
     gate_up_weight: torch.Tensor,
     down: Callable[[torch.Tensor], torch.Tensor],
@@ -736,16 +737,16 @@ def fused_decoder_layer(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer with both norms in :func:`norm_linear`, for the adapters: ``h`` is the
     previous sublayer's output (the embeddings when ``residual`` is None), ``norm1``/``norm2``
-    are (weight, eps), ``attention(qkv, roped, stored)`` maps q/k/v (a tensor or a :class:`QKV`:
-    :func:`split_qkv` takes both) to the attention sublayer's output (attention and o_proj, back
-    to the stream), ``down`` is the MLP's linear back to the stream (the adapters pass
-    :func:`convgpt_core.narrow_linear.to_stream`: our kernel or the engine's row-parallel layer).
-    With ``qk_rope`` the q/k norm and RoPE go into the q+k+v kernel's epilogue and ``attention``
+    are (weight, eps), ``attend(qkv, roped, stored)`` maps q/k/v (a tensor or a :class:`QKV`:
+    :func:`split_qkv` takes both) to the heads' output, ``o_proj`` and
+    ``down`` are the two linears back to the stream (the adapters pass
+    :func:`convgpt_core.narrow_linear.narrow_linear` or the engine's row-parallel layer).
+    With ``qk_rope`` the q/k norm and RoPE go into the q+k+v kernel's epilogue and ``attend``
     gets ``roped=True``: in a compiled graph (the op chooses kernel or unfused ops by rows) and
-    eagerly up to :data:`MAX_ROWS` rows; larger eager steps leave them to ``attention`` (the
+    eagerly up to :data:`MAX_ROWS` rows; larger eager steps leave them to ``attend`` (the
     engine's own fused q/k-norm and RoPE kernels).  ``kv_store`` gives the layer's KV cache
     (:class:`KVStore`, None where the engine's cache layout does not allow it): eagerly, where the
-    kernel runs with ``qk_rope``, it then writes k and v into the cache too and ``attention`` gets
+    kernel runs with ``qk_rope``, it then writes k and v into the cache too and ``attend`` gets
     ``stored=True`` (the engine must not write them again), and the q heads come as a contiguous
     tensor of their own (a :class:`QKV`; :func:`q_apart_on`).  ``kv_cache`` writes the cache in
     compiled graphs too, through the adapter's :class:`KVCaches` (the engine's own write where
@@ -762,5 +763,5 @@ def fused_decoder_layer(
     else:
         qkv, s = norm_linear(h, residual, *norm1, qkv_weight, rope=qk_rope if roped else None, kv_cache=stored)
     residual = h if s is None else s
-    act, residual = norm_linear(attention(qkv, roped, stored), residual, *norm2, gate_up_weight, swiglu=True)
+    act, residual = norm_linear(o_proj(attend(qkv, roped, stored)), residual, *norm2, gate_up_weight, swiglu=True)
     return down(act), residual

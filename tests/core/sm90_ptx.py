@@ -30,15 +30,11 @@ NAR_TYPES = dict(x_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16", part_ptr="*fp32", 
                  N="i32", K="i32", stride_x="i32", stride_w="i32", stride_y="i32")
 NAR = dict(K_PER_SPLIT=256, SPLIT=8, BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, PRECISION="tf32", UPCAST=False)
 DA_TYPES = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", table_ptr="*i32", req_ptr="*i64",
-                lens_ptr="*i64", part_ptr="*fp32", count_ptr="*i32", w_ptr="*bf16", y_ptr="*bf16", ypart_ptr="*fp32",
-                scale="fp32", window="i32",
+                lens_ptr="*i64", part_ptr="*fp32", count_ptr="*i32", scale="fp32", window="i32",
                 **{n: "i32" for n in ("stride_qm", "stride_qh", "stride_kr", "stride_kh", "stride_vr", "stride_vh",
-                                      "stride_om", "stride_oh", "stride_table", "stride_w", "stride_ym")})
+                                      "stride_om", "stride_oh", "stride_table")})
 DA = dict(GROUP=2, GROUP_P2=2, GROUP_PAD=16, HEAD_DIM=128, BLOCK_T=64, SPLITS=32, UPCAST=False,
-          PRECISION="tf32", PROJECT=False, N_OUT=1, N_PAD=1, BLOCK_N=1, KV_P2=8,
-          PF_ROWS=1, PF_COLS=1)  # the published attention
-# (16 q / 8 kv heads of 128), one request
-DA_O_PROJ = dict(DA, PROJECT=True, N_OUT=144, N_PAD=160, BLOCK_N=32, PF_ROWS=8, PF_COLS=4)  # SGLang's lone decode steps: o_proj in the kernel
+          PRECISION="tf32")  # the published attention (16 q / 8 kv heads of 128), one request
 
 
 def ptx(src, types: dict, constexprs: dict, pdl: bool) -> list[str]:
@@ -58,8 +54,7 @@ if __name__ == "__main__":
                "norm_linear_rope_kv_apart": (nl._norm_linear_src, NL_TYPES, NL_ROPE_KV_APART),
                "norm_linear_swiglu": (nl._norm_linear_src, NL_TYPES, NL_SWIGLU),
                "narrow_linear": (nar._narrow_linear_src, NAR_TYPES, NAR),
-               "decode_attention": (da._decode_attention_src, DA_TYPES, DA),
-               "decode_attention_o_proj": (da._decode_attention_src, DA_TYPES, DA_O_PROJ)}
+               "decode_attention": (da._decode_attention_src, DA_TYPES, DA)}
     out = {}
     for name, (src, types, consts) in kernels.items():
         out[name] = ptx(src, types, consts, True)

@@ -898,9 +898,8 @@ def test_fused_decoder_layer_composes_both_sublayers(interp, residual):
     attend = lambda qkv, roped, stored: qkv[..., :160] * 0.5  # noqa: E731 - q/k/v -> the heads' output
     o_proj = lambda heads: heads[..., :144] - heads[..., 16:]  # noqa: E731 - back to D wide
     down = lambda act: act @ wd.to(act.dtype).T  # noqa: E731
-    y, s = nl.fused_decoder_layer(x.to(f), r.to(f) if residual else None, (nw1.to(f), 1e-6), wqkv.to(f),
-                                  lambda qkv, roped, stored: o_proj(attend(qkv, roped, stored)),
-                                  (nw2.to(f), 1e-6), wgu.to(f), down)
+    y, s = nl.fused_decoder_layer(x.to(f), r.to(f) if residual else None, (nw1.to(f), 1e-6), wqkv.to(f), attend,
+                                  o_proj, (nw2.to(f), 1e-6), wgu.to(f), down)
     qkv, s1 = _nl_reference(x, r if residual else None, nw1, 1e-6, wqkv, False)
     act, want_s = _nl_reference(o_proj(attend(qkv, False, False)), s1, nw2, 1e-6, wgu, True)
     torch.testing.assert_close(y.double(), down(act), rtol=1e-4, atol=1e-4)
@@ -1027,8 +1026,8 @@ def test_fused_decoder_layer_with_narrow_linears(interp):
     _, _, nw2, wgu = _nl_case(5, 144, 40, True)
     wo, wd = _nar_case(5, 288, 144)[1], _nar_case(5, 40, 144)[1]
     f = torch.float32
-    y, s = nl.fused_decoder_layer(x.to(f), r.to(f), (nw1.to(f), 1e-6), wqkv.to(f),
-                                  lambda qkv, roped, stored: nar.narrow_linear(qkv, wo.to(f)), (nw2.to(f), 1e-6), wgu.to(f),
+    y, s = nl.fused_decoder_layer(x.to(f), r.to(f), (nw1.to(f), 1e-6), wqkv.to(f), lambda qkv, roped, stored: qkv,
+                                  lambda heads: nar.narrow_linear(heads, wo.to(f)), (nw2.to(f), 1e-6), wgu.to(f),
                                   lambda act: nar.narrow_linear(act, wd.to(f)))
     qkv, s1 = _nl_reference(x, r, nw1, 1e-6, wqkv, False)
     act, want_s = _nl_reference(qkv @ wo.T, s1, nw2, 1e-6, wgu, True)
@@ -1065,9 +1064,8 @@ class _Layer:
                 self.attend_seen.append((qkv.shape[0], stored) + ((apart,) if apart else ()))
             return (qkv if roped else nl.qk_norm_rope_torch(qkv, rope))[..., :self.heads]
 
-        return nl.fused_decoder_layer(h, res, (p[0], 1e-6), p[1],
-                                      lambda qkv, roped, stored: nar.narrow_linear(attend(qkv, roped, stored), p[2]),
-                                      (p[3], 1e-6), p[4],
+        return nl.fused_decoder_layer(h, res, (p[0], 1e-6), p[1], attend,
+                                      lambda heads: nar.narrow_linear(heads, p[2]), (p[3], 1e-6), p[4],
                                       lambda act: nar.narrow_linear(act, p[5]), rope, self.store, self.kv_cache)
 
     def inputs(self, m: int):
@@ -1317,20 +1315,18 @@ def test_pdl_kernels_wait_before_they_write(sm90_ptx, which):
     assert not [line for line in sm90_ptx[which + "_plain"] if line.startswith("griddepcontrol")]
 
 
-@pytest.mark.parametrize("which", ["decode_attention", "decode_attention_o_proj"])
-def test_pdl_decode_attention_waits_before_it_touches_memory(sm90_ptx, which):
-    """The decode attention kernel (with o_proj in it or not) reads keys and queries that the
-    q+k+v kernel before it has just written: compiled for sm_90 with PDL it waits once
-    (``griddepcontrol.wait``) before any global load, store or atomic, and lets the next kernel
-    start; without PDL neither instruction is there."""
-    ptx = sm90_ptx[which]
+def test_pdl_decode_attention_waits_before_it_touches_memory(sm90_ptx):
+    """The decode attention kernel reads keys and queries that the q+k+v kernel before it has just
+    written: compiled for sm_90 with PDL it waits once (``griddepcontrol.wait``) before any
+    global load, store or atomic, and lets the next kernel start; without PDL neither
+    instruction is there."""
+    ptx = sm90_ptx["decode_attention"]
     waits = [i for i, line in enumerate(ptx) if line.startswith("griddepcontrol.wait")]
     assert len(waits) == 1
     assert sum(line.startswith("griddepcontrol.launch_dependents") for line in ptx) == 1
     assert not [line for line in ptx[:waits[0]] if line.startswith(("ld.global", "st.global", "atom.", "red."))]
-    # the splits' counter (and the request's, with o_proj)
-    assert sum(line.startswith("atom.") for line in ptx[waits[0]:]) >= (2 if which.endswith("o_proj") else 1)
-    assert not [line for line in sm90_ptx[which + "_plain"] if line.startswith("griddepcontrol")]
+    assert any(line.startswith("atom.") for line in ptx[waits[0]:])  # the splits' counter
+    assert not [line for line in sm90_ptx["decode_attention_plain"] if line.startswith("griddepcontrol")]
 
 
 def test_fused_mlp_prototype_computes_the_sublayer(interp):
@@ -1452,37 +1448,6 @@ def test_decode_attention_equals_float64(interp, requests, heads, kv_heads, hd, 
     assert not da._counters(q.device).any()
 
 
-def _o_proj_weight(out: int, width: int, dtype, device="cpu", seed=7) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(out, width, generator=gen) * width**-0.5).to(dtype).to(device)
-
-
-@pytest.mark.parametrize("requests, heads, kv_heads, hd, lens, window, splits", ATTENTION_CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_decode_attention_with_o_proj_equals_float64(interp, requests, heads, kv_heads, hd, lens, window, splits,
-                                                     dtype):
-    """o_proj in the kernel (SGLang's lone decode steps): the heads' output times o_proj's weight
-    (144 wide, the published D: several column blocks, the last partial), against the float64
-    attention times the weight; both counters back at zero."""
-    q, k, v, table, req, n = _attention_case(requests, heads, kv_heads, hd, lens, dtype, side_by_side=requests == 3)
-    w = _o_proj_weight(144, heads * hd, dtype)
-    scale = hd**-0.5
-    got = da.decode_attention(q, k, v, table, req, n, scale, window, o_weight=w, splits=splits)
-    assert got.shape == (requests, 144) and got.dtype == dtype
-    want = _attention_f64(q, k, v, table, req, n, scale, window) @ w.double().T
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
-    assert not da._counters(q.device).any()
-
-
-def test_decode_attention_refuses_an_o_proj_weight_that_does_not_fit(interp):
-    q, k, v, table, req, n = _attention_case(1, 4, 2, 32, [10], torch.float32)
-    for bad in (_o_proj_weight(24, 96, torch.float32), _o_proj_weight(24, 128, torch.bfloat16),
-                _o_proj_weight(128, 24, torch.float32).T):
-        with pytest.raises(ValueError, match="o_proj weight"):
-            da.decode_attention(q, k, v, table, req, n, 0.1, o_weight=bad)
-
-
 def test_decode_attention_takes_flat_query_heads_and_int32_lengths(interp):
     """The adapters hand the q heads flattened ([requests, heads * head_dim], a view of the q+k+v
     output) and the engines' lengths come as int32 or int64."""
@@ -1503,9 +1468,6 @@ def test_decode_attention_takes_one_request_in_the_models_dtype(monkeypatch):
     assert not da.decode_attention_takes(q.double(), cache.double(), 32)
     monkeypatch.setenv("CONVGPT_DECODE_ATTENTION", "0")
     assert not da.decode_attention_takes(q, cache, 32)
-    assert da.decode_o_proj_on()
-    monkeypatch.setenv("CONVGPT_DECODE_O_PROJ", "0")
-    assert not da.decode_o_proj_on()
 
 
 def test_decode_attention_splits_are_powers_of_two_within_the_cap():
@@ -1522,29 +1484,23 @@ def test_decode_attention_refuses_heads_that_do_not_fit_the_cache(interp):
 
 
 @pytest.mark.parametrize("lens, window", [([1], None), ([192], None), ([1000], None), ([4100], None), ([700], 128)])
-@pytest.mark.parametrize("project", [False, True], ids=["heads", "o_proj"])
-def test_gpu_decode_attention_equals_float64_and_replays_for_other_lengths(gpu, lens, window, project):
-    """The published attention (16 q / 8 kv heads of 128, bf16; with o_proj to 144 in the kernel or
-    not) on the GPU, captured once in a CUDA graph and replayed after the request grew: the
-    graph's grid is fixed, the split of the keys is the kernel's."""
+def test_gpu_decode_attention_equals_float64_and_replays_for_other_lengths(gpu, lens, window):
+    """The published attention (16 q / 8 kv heads of 128, bf16) on the GPU, captured once in a
+    CUDA graph and replayed after the request grew: the graph's grid is fixed, the split of the
+    keys is the kernel's."""
     q, k, v, table, req, n = _attention_case(1, 16, 8, 128, [lens[0] + 300], torch.bfloat16, device="cuda", seed=lens[0])
-    w = _o_proj_weight(144, 16 * 128, torch.bfloat16, "cuda") if project else None
     n.fill_(lens[0])
     scale = 128**-0.5
-
-    def want():
-        heads = _attention_f64(q, k, v, table, req, n, scale, window)
-        return heads @ w.double().cpu().T if project else heads
-
-    out = da.decode_attention(q, k, v, table, req, n, scale, window, o_weight=w)
-    torch.testing.assert_close(out.double().cpu(), want(), rtol=2e-2, atol=2e-2)
+    out = da.decode_attention(q, k, v, table, req, n, scale, window)
+    torch.testing.assert_close(out.double().cpu(), _attention_f64(q, k, v, table, req, n, scale, window), rtol=2e-2, atol=2e-2)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = da.decode_attention(q, k, v, table, req, n, scale, window, o_weight=w)
+        out = da.decode_attention(q, k, v, table, req, n, scale, window)
     for grown in (lens[0] + 1, lens[0] + 300):
         n.fill_(grown)
         q.normal_()
         graph.replay()
         torch.cuda.synchronize()
-        torch.testing.assert_close(out.double().cpu(), want(), rtol=2e-2, atol=2e-2)
+        want = _attention_f64(q, k, v, table, req, n, scale, window)
+        torch.testing.assert_close(out.double().cpu(), want, rtol=2e-2, atol=2e-2)
     assert not da._counters(q.device).any()

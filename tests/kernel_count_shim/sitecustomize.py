@@ -8,8 +8,8 @@ or ``norm_linear_torch`` (norm_linear's unfused path for large batches) appends 
 cache) and its rows to the file, and so does each q+k+v step that writes the KV cache through
 the adapter's caches (``_norm_linear_kv``, vLLM), and each q+k+v GEMM that writes the q heads
 apart (``linear_q_apart``, SGLang's large steps), and each decode step's attention by the core's
-kernel (``decode_attention``, SGLang at one request; ``+o_proj`` when o_proj runs in it): the
-test then knows the engine went through the kernels and not around them.  The functions themselves are untouched.
+kernel (``decode_attention``, SGLang at one request): the test then knows the engine went through
+the kernels and not around them.  The functions themselves are untouched.
 """
 
 import os
@@ -23,9 +23,7 @@ if _LOG:
 
         def run(*args, **kwargs):
             roped = name.startswith("norm_linear") and (args[6] if len(args) > 6 else kwargs.get("rope")) is not None
-            projected = name == "decode_attention" and (args[8] if len(args) > 8 else kwargs.get("o_weight")) is not None
-            tags = ("+rope" if roped else "") + ("+kv" if kwargs.get("kv") is not None else "") + (
-                "+o_proj" if projected else "")
+            tags = ("+rope" if roped else "") + ("+kv" if kwargs.get("kv") is not None else "")
             with open(_LOG, "a") as f:  # name, rows (tokens)
                 f.write(f"{name}{tags} {args[0].numel() // max(1, args[0].shape[-1])}\n")
             return launch(*args, **kwargs)

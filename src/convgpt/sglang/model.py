@@ -47,11 +47,11 @@ from torch import nn
 from convgpt_core.checkpoint import check_served_checkpoint, load_published
 from convgpt_core.compressor import CausalConvPool, ScaleNorm, after_loading
 from convgpt_core.config import DECODER_NORM_EPS, ConvGPTConfig, heads_per_rank
-from convgpt_core.decode_attention import decode_attention, decode_attention_takes, decode_o_proj_on
+from convgpt_core.decode_attention import decode_attention, decode_attention_takes
 from convgpt_core.kernels import compress, warm_up
 from convgpt_core.logits import float_cast_takes, logits_to_float32
 from convgpt_core.lora import fused_linear_dims
-from convgpt_core.narrow_linear import stream_weight, to_stream
+from convgpt_core.narrow_linear import to_stream
 from convgpt_core.norm_linear import (
     KVStore,
     QKRope,
@@ -241,33 +241,18 @@ class ConvGPTAttention(nn.Module):
                 return out
         return self.attn(q, k, v, forward_batch, save_kv_cache=not stored)
 
-    def decode(self, q: torch.Tensor, forward_batch: ForwardBatch,
-               o_weight: torch.Tensor | None = None) -> torch.Tensor | None:
+    def decode(self, q: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor | None:
         """A decode step's attention by :func:`convgpt_core.decode_attention.decode_attention` where
         it takes the step (one request), over the cache the q+k+v kernel has just written (so the
         plain pool :func:`plain_kv_store` checked): the request's rows from SGLang's
-        request-to-token table, its length with the new token; with ``o_weight``, o_proj's
-        product in the same kernel.  None: SGLang's backend attends."""
+        request-to-token table, its length with the new token.  None: SGLang's backend attends."""
         k_cache, v_cache = get_token_to_kv_pool().get_kv_buffer(self.attn.layer_id)
         if not decode_attention_takes(q, k_cache, self.head_dim):
             return None
         window = self.attn.sliding_window_size  # SGLang's count, without the query's own key; -1: none
         return decode_attention(q, k_cache, v_cache, get_req_to_token_pool().req_to_token,
                                 forward_batch.req_pool_indices, forward_batch.seq_lens, self.attn.scaling,
-                                window + 1 if window >= 0 else None, o_weight)
-
-    def sublayer(self, positions: torch.Tensor, qkv: torch.Tensor, forward_batch: ForwardBatch, roped: bool,
-                 stored: bool) -> torch.Tensor:
-        """The fused layer's attention sublayer: :meth:`attend`, then o_proj back to the stream.
-        Where :meth:`decode` takes the step and o_proj is ours to run (:func:`stream_weight`: one
-        rank, a plain weight), o_proj runs inside the decode attention kernel, unless
-        ``CONVGPT_DECODE_O_PROJ=0``."""
-        o_weight = stream_weight(self.o_proj, _plain(self.o_proj))
-        if stored and o_weight is not None and decode_o_proj_on() and forward_batch.forward_mode.is_decode():
-            out = self.decode(split_qkv(qkv, self.q_size, self.kv_size)[0], forward_batch, o_weight)
-            if out is not None:
-                return out
-        return to_stream(self.o_proj, _plain(self.o_proj))(self.attend(positions, qkv, forward_batch, roped, stored))
+                                window + 1 if window >= 0 else None)
 
     def kv_store(self, forward_batch: ForwardBatch, h: torch.Tensor) -> KVStore | None:
         """The KV cache for the q+k+v kernel reading ``h`` to write (None: attention writes it),
@@ -307,7 +292,8 @@ class ConvGPTDecoderLayer(nn.Module):
             attn, mlp = self.self_attn, self.mlp
             return fused_decoder_layer(
                 h, residual, (self.norm1.weight, self.norm1.variance_epsilon), attn.qkv_proj.weight,
-                lambda qkv, roped, stored: attn.sublayer(positions, qkv, forward_batch, roped, stored),
+                lambda qkv, roped, stored: attn.attend(positions, qkv, forward_batch, roped, stored),
+                to_stream(attn.o_proj, _plain(attn.o_proj)),
                 (self.norm2.weight, self.norm2.variance_epsilon), mlp.gate_up_proj.weight,
                 to_stream(mlp.down_proj, _plain(mlp.down_proj)), attn.qk_rope(positions),
                 lambda: attn.kv_store(forward_batch, h),

@@ -240,10 +240,6 @@ class ConvGPTAttention(nn.Module):
             q, k = self.rotary_emb(positions, q, k)
         return self.attn(q, k, v)
 
-    def sublayer(self, positions: torch.Tensor, qkv: torch.Tensor, roped: bool, stored: bool) -> torch.Tensor:
-        """The fused layer's attention sublayer: :meth:`attend`, then o_proj back to the stream."""
-        return to_stream(self.o_proj, _plain(self.o_proj))(self.attend(positions, qkv, roped, stored))
-
     def qk_rope(self, positions: torch.Tensor) -> QKRope | None:
         """The q/k norm and RoPE for the q+k+v kernel's epilogue (None: run here)."""
         return qk_rope_of((self.q_norm.weight, self.q_norm.variance_epsilon), self.k_norm.weight, self.rotary_emb,
@@ -275,8 +271,8 @@ class ConvGPTDecoderLayer(nn.Module):
             attn, mlp = self.self_attn, self.mlp
             return fused_decoder_layer(
                 h, residual, (self.norm1.weight, self.norm1.variance_epsilon), attn.qkv_proj.weight,
-                lambda qkv, roped, stored: attn.sublayer(positions, qkv, roped, stored),
-                (self.norm2.weight, self.norm2.variance_epsilon),
+                lambda qkv, roped, stored: attn.attend(positions, qkv, roped, stored),
+                to_stream(attn.o_proj, _plain(attn.o_proj)), (self.norm2.weight, self.norm2.variance_epsilon),
                 mlp.gate_up_proj.weight, to_stream(mlp.down_proj, _plain(mlp.down_proj)), attn.qk_rope(positions),
                 kv_cache=attn.kv_by_qkv,
             )
